@@ -1,0 +1,53 @@
+"""Output layout and atomic publish.
+
+Files are written under a hidden ``.kalla-<run_id>.partial`` directory inside output_path
+and moved into place with rename(2) only when the whole job has succeeded; a failed or
+cancelled job removes that directory, so no partial output file is ever visible.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from .errors import OutputError
+
+FILES = {"matched": "matched.parquet", "unmatched_left": "unmatched_left.parquet",
+         "unmatched_right": "unmatched_right.parquet"}
+SUMMARY = "summary.json"
+
+
+class Outputs:
+    def __init__(self, output_path: str, run_id: str):
+        self.final_dir = output_path
+        self.partial_dir = os.path.join(output_path, f".kalla-{run_id}.partial")
+
+    def prepare(self) -> None:
+        try:
+            os.makedirs(self.final_dir, exist_ok=True)
+            shutil.rmtree(self.partial_dir, ignore_errors=True)
+            os.makedirs(self.partial_dir, mode=0o750)
+        except OSError as exc:
+            raise OutputError(f"cannot create output directory {self.final_dir}: {exc.strerror}",
+                              stage="staging") from None
+
+    def partial(self, name: str) -> str:
+        return os.path.join(self.partial_dir, FILES.get(name, name))
+
+    def final(self, name: str) -> str:
+        return os.path.join(self.final_dir, FILES.get(name, name))
+
+    def final_paths(self) -> dict[str, str]:
+        return {name: self.final(name) for name in FILES}
+
+    def publish(self) -> dict[str, str]:
+        """Move the finished files into output_path; summary.json goes last."""
+        try:
+            for name in (*FILES, SUMMARY):
+                os.replace(self.partial(name), self.final(name))
+            os.rmdir(self.partial_dir)
+        except OSError as exc:
+            raise OutputError(f"cannot publish outputs in {self.final_dir}: {exc.strerror}") from None
+        return self.final_paths()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial_dir, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""run_job: the ordered stages of one reconciliation, shared by the CLI and the workers.
+
+    staging (check, then read) -> matching -> unmatched -> publish
+
+Each stage is a small function of the job state; its name is data (progress events,
+error callbacks, summary timings). Any failure removes the job's partial files and
+raises a KallaError whose ``stage`` names where it happened.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import orjson
+
+from . import __version__
+from .errors import JobCancelled, KallaError
+from .jobs import JobSpec, scrub, secrets_of
+from .outputs import SUMMARY, Outputs
+from .staging import check_job, stage_sources
+from .matching import run_match
+from .unmatched import derive_unmatched
+
+Report = Callable[[dict], None]
+
+
+class Job:
+    """The state of one run as it moves through the stages."""
+
+    def __init__(self, spec: JobSpec, settings, report: Report | None, cancel):
+        self.spec = spec
+        self.settings = settings
+        self.cancel = cancel or threading.Event()
+        self._report = report or (lambda event: None)
+        self._report_lock = threading.Lock()
+        self.stage = "staging"
+        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.timings: dict[str, float] = {}
+        self.scratch = tempfile.mkdtemp(prefix=f"kalla-{spec.run_id}-", dir=settings.work_dir)
+        self.outputs = Outputs(spec.output_path, spec.run_id)
+        self.memory_bytes = settings.worker_memory
+        # filled in by the stages
+        self.connectors: dict = {}
+        self.bound_filters: dict = {}
+        self.staged: dict[str, list[str]] = {}
+        self.source_rows: dict[str, int] = {}
+        self.key_columns: dict[str, list[str]] = {}
+        self.join_strategy = ""
+        self.matched_count = 0
+        self.unmatched: dict[str, object] = {}
+
+    def report(self, event: dict) -> None:
+        with self._report_lock:
+            self._report({**event, "run_id": self.spec.run_id} if "run_id" not in event else event)
+
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise JobCancelled("job was cancelled", stage=self.stage)
+
+
+def derive(job: Job) -> None:
+    left, right = job.spec.left.alias, job.spec.right.alias
+    matched = job.outputs.partial("matched")
+
+    def one(side: str, alias: str):
+        return derive_unmatched(job.staged[alias], job.spec.primary_keys[alias], matched,
+                                job.key_columns[alias], job.outputs.partial(f"unmatched_{side}"))
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {side: pool.submit(one, side, alias) for side, alias in (("left", left), ("right", right))}
+        job.unmatched = {side: f.result() for side, f in futures.items()}
+
+
+def publish(job: Job) -> None:
+    summary = summarize(job)
+    with open(job.outputs.partial(SUMMARY), "wb") as fh:
+        fh.write(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    job.outputs.publish()
+
+
+def staging(job: Job) -> None:
+    check_job(job)       # cheap: schemas, filters, keys - fail before any heavy work
+    job.outputs.prepare()
+    stage_sources(job)
+
+
+STAGES = (("staging", staging), ("matching", run_match), ("unmatched", derive),
+          ("publish", publish))
+
+
+def summarize(job: Job) -> dict:
+    left, right = job.spec.left.alias, job.spec.right.alias
+    return {
+        "run_id": job.spec.run_id,
+        "kalla_version": __version__,
+        "status": "completed",
+        "matched_count": job.matched_count,
+        "unmatched_left_count": job.unmatched["left"].rows,
+        "unmatched_right_count": job.unmatched["right"].rows,
+        "output_paths": job.outputs.final_paths(),
+        "source_rows": dict(job.source_rows),
+        "null_key_rows": {left: job.unmatched["left"].null_key_rows,
+                          right: job.unmatched["right"].null_key_rows},
+        "key_columns": job.key_columns,
+        "join_strategy": job.join_strategy,
+        "stage_seconds": {k: round(v, 4) for k, v in job.timings.items()},
+        "started_at": job.started_at.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+
+
+def completion_body(job: Job) -> dict:
+    """The completion callback: the reference's fields first, then Kalla's extras."""
+    return {
+        "run_id": job.spec.run_id,
+        "matched_count": job.matched_count,
+        "unmatched_left_count": job.unmatched["left"].rows,
+        "unmatched_right_count": job.unmatched["right"].rows,
+        "output_paths": job.outputs.final_paths(),
+        "summary_path": job.outputs.final(SUMMARY),
+        "source_rows": dict(job.source_rows),
+        "stage_seconds": {k: round(v, 4) for k, v in job.timings.items()},
+    }
+
+
+def run_job(spec: JobSpec, settings, report: Report | None = None,
+            cancel: threading.Event | None = None) -> dict:
+    """Run one reconciliation; return the completion body or raise KallaError(stage=...)."""
+    job = Job(spec, settings, report, cancel)
+    published = False
+    try:
+        for name, stage in STAGES:
+            job.stage = name
+            job.check_cancelled()
+            started = time.perf_counter()
+            stage(job)
+            job.timings[name] = time.perf_counter() - started
+        published = True
+        return completion_body(job)
+    except KallaError as exc:
+        exc.stage = exc.stage or job.stage
+        exc.message = scrub(exc.message, secrets_of(spec))
+        exc.args = (exc.message,)
+        raise
+    except MemoryError:
+        raise KallaError(f"{job.stage} ran out of memory; lower the data size or raise "
+                         "KALLA_WORKER_MEMORY", stage=job.stage) from None
+    except Exception as exc:  # a bug or an unexpected library error: still a clean callback
+        text = scrub(f"{job.stage} failed: {type(exc).__name__}: {exc}", secrets_of(spec))
+        raise KallaError(text, stage=job.stage) from None
+    finally:
+        if not published:
+            job.outputs.discard()
+        for connector in job.connectors.values():
+            _close_quietly(connector)
+        shutil.rmtree(job.scratch, ignore_errors=True)
+
+
+def _close_quietly(connector) -> None:
+    try:
+        connector.close()
+    except Exception:  # closing is best effort; the job's outcome is already decided
+        pass

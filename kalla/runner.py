@@ -1,0 +1,90 @@
+"""`kalla run`: run job files in-process with progress on stderr and a summary on stdout."""
+from __future__ import annotations
+
+import sys
+import time
+
+import orjson
+
+from .callbacks import CallbackSender
+from .cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, load_job_file
+from .errors import KallaError
+from .pipeline import run_job
+
+
+class TerminalProgress:
+    """Progress on stderr: a bar per stage when stderr is a terminal, silent otherwise."""
+
+    def __init__(self, stream=sys.stderr, enabled: bool | None = None):
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+
+    def __call__(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        fraction = float(event.get("progress") or 0.0)
+        bar = "#" * int(fraction * 30)
+        what = event.get("source") or (f"{event['matched_count']:,} matched"
+                                       if "matched_count" in event else "")
+        self.stream.write(f"\r{event['stage']:<10} [{bar:<30}] {fraction:6.1%} {what:<30}")
+        if fraction >= 1.0:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def run_files(args, settings) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            spec = load_job_file(path, args.source, settings, args.output)
+        except KallaError as exc:
+            print(f"kalla: {path}: {exc}", file=sys.stderr)
+            status = max(status, EXIT_BAD_INPUT)
+            continue
+        status = max(status, run_one(spec, settings, args))
+    return status
+
+
+def run_one(spec, settings, args) -> int:
+    progress = TerminalProgress(enabled=False if args.quiet else None)
+    sender = None
+    if spec.callback_url:
+        sender = CallbackSender(spec.callback_url, style=settings.callback_style,
+                                timeout=settings.callback_timeout, retries=settings.callback_retries)
+
+    def report(event: dict) -> None:
+        progress(event)
+        if sender:
+            sender.send("progress", event)
+
+    started = time.perf_counter()
+    try:
+        result = run_job(spec, settings, report)
+    except KallaError as exc:
+        body = {"run_id": spec.run_id, "error": str(exc), "stage": exc.stage}
+        if sender:
+            sender.send("error", body)
+        if args.json:
+            print(orjson.dumps({**body, "status": "failed"}).decode())
+        print(f"kalla: run {spec.run_id} failed in {exc.stage or 'setup'}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.exit_code == EXIT_BAD_INPUT else EXIT_FAILED
+    if sender:
+        sender.send("complete", result)
+    if args.json:
+        print(orjson.dumps({**result, "status": "completed"}).decode())
+    else:
+        print(format_summary(result, time.perf_counter() - started))
+    return EXIT_OK
+
+
+def format_summary(result: dict, seconds: float) -> str:
+    paths = result["output_paths"]
+    lines = [f"run {result['run_id']} completed in {seconds:.2f}s"]
+    for name, key in (("matched", "matched_count"), ("unmatched_left", "unmatched_left_count"),
+                      ("unmatched_right", "unmatched_right_count")):
+        lines.append(f"  {name:<16} {result[key]:>12,}  {paths[name]}")
+    sources = ", ".join(f"{alias} {rows:,}" for alias, rows in result.get("source_rows", {}).items())
+    lines.append(f"  source rows      {sources}")
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.get("stage_seconds", {}).items())
+    lines.append(f"  stages           {stages}")
+    return "\n".join(lines)
