@@ -14,6 +14,8 @@ from .errors import OutputError
 FILES = {"matched": "matched.parquet", "unmatched_left": "unmatched_left.parquet",
          "unmatched_right": "unmatched_right.parquet"}
 SUMMARY = "summary.json"
+# Outputs hold financial records: readable by the owner and its group, never by others.
+FILE_MODE = 0o640
 
 
 class Outputs:
@@ -40,14 +42,30 @@ class Outputs:
         return {name: self.final(name) for name in FILES}
 
     def publish(self) -> dict[str, str]:
-        """Move the finished files into output_path; summary.json goes last."""
+        """Move the finished files into output_path; summary.json goes last.
+
+        rename(2) within one directory is atomic per file; should a later rename fail, the
+        files already moved are removed again, so the set is all-or-nothing.
+        """
+        moved = []
         try:
             for name in (*FILES, SUMMARY):
+                os.chmod(self.partial(name), FILE_MODE)
                 os.replace(self.partial(name), self.final(name))
+                moved.append(self.final(name))
             os.rmdir(self.partial_dir)
         except OSError as exc:
+            for path in moved:
+                _remove(path)
             raise OutputError(f"cannot publish outputs in {self.final_dir}: {exc.strerror}") from None
         return self.final_paths()
 
     def discard(self) -> None:
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -34,29 +34,50 @@ def unmatched_row_numbers(source_files: Sequence[str], keys: Sequence[str], matc
                         for m, k in zip(matched_columns, keys)])
                .drop_nulls()
                .unique())
-    anti = source.join(matched, on=list(keys), how="anti", nulls_equal=False)
+    # maintain_order keeps row numbers ascending, so no sort is needed afterwards
+    anti = source.join(matched, on=list(keys), how="anti", nulls_equal=False, maintain_order="left")
     null_keys = source.filter(pl.any_horizontal([pl.col(k).is_null() for k in keys])).select(pl.len())
-    rows, nulls = pl.collect_all([anti.select(ROW).sort(ROW), null_keys], engine="streaming")
-    return rows[ROW].to_numpy(), int(nulls.item())
+    rows, nulls = pl.collect_all([anti.select(ROW), null_keys], engine="streaming")
+    numbers = rows[ROW].to_numpy()
+    if numbers.size > 1 and not bool(np.all(numbers[:-1] <= numbers[1:])):
+        numbers = np.sort(numbers)     # write_rows bisects; never trust an order we didn't check
+    return numbers, int(nulls.item())
 
 
 def write_rows(source_files: Sequence[str], rows: np.ndarray, out_path: str,
                batch_rows: int = 65536) -> int:
-    """Copy the given row numbers of the source files into out_path; return rows written."""
+    """Copy the given row numbers of the source files into out_path; return rows written.
+
+    Reads batch by batch (memory: one batch), and only the row groups that hold at least
+    one wanted row - where everything matched, nothing is read.
+    """
     schema = pq.read_schema(source_files[0]) if source_files else pa.schema([])
     written, offset = 0, 0
-    with pq.ParquetWriter(out_path, schema) as writer:
+    with pq.ParquetWriter(out_path, schema, compression="snappy") as writer:
         for path in source_files:
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
                 size = parquet.metadata.row_group(group).num_rows
                 lo, hi = np.searchsorted(rows, [offset, offset + size])
-                if hi > lo:   # skip row groups where everything matched
-                    table = parquet.read_row_group(group)
-                    picked = table.take(pa.array(rows[lo:hi] - offset))
-                    writer.write_table(picked.cast(schema), row_group_size=batch_rows * 16)
-                    written += picked.num_rows
+                if hi > lo:
+                    mask = np.zeros(size, dtype=bool)
+                    mask[rows[lo:hi] - offset] = True
+                    written += _copy_group(parquet, group, mask, schema, writer, batch_rows)
                 offset += size
+    return written
+
+
+def _copy_group(parquet, group: int, mask: np.ndarray, schema, writer, batch_rows: int) -> int:
+    start = written = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], use_threads=True):
+        keep = mask[start:start + batch.num_rows]
+        start += batch.num_rows
+        if keep.any():
+            picked = batch.filter(pa.array(keep))
+            if picked.schema != schema:
+                picked = pa.RecordBatch.from_arrays(picked.columns, schema=schema)
+            writer.write_batch(picked)
+            written += picked.num_rows
     return written
 
 
