@@ -37,6 +37,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cores(text: str) -> int:
+    """A count, or ``auto`` for the number of cores."""
+    return os.cpu_count() or 1 if text == "auto" else _positive_int(text)
+
+
+def _partitions(text: str) -> int:
+    return max(2, os.cpu_count() or 1) if text == "auto" else _positive_int(text)
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -96,7 +105,7 @@ def _default_worker_memory() -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 4 * 1024**3
-    workers = _positive_int(os.environ.get("KALLA_WORKERS") or str(os.cpu_count() or 1))
+    workers = _cores(os.environ.get("KALLA_WORKERS") or "auto")
     return max(256 * 1024**2, total // 2 // workers)
 
 
@@ -114,8 +123,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("KALLA_BIND", "127.0.0.1:50050", "host:port the HTTP API listens on", _bind),
-    Setting("KALLA_WORKERS", str(os.cpu_count() or 1),
-            "worker processes running jobs (default: number of cores)", _positive_int),
+    Setting("KALLA_WORKERS", "auto",
+            "worker processes running jobs; auto = the number of cores", _cores),
     Setting("KALLA_QUEUE_SIZE", "16",
             "jobs waiting for a worker; beyond it POST /api/jobs answers 500 with Retry-After",
             _positive_int),
@@ -141,8 +150,11 @@ SETTINGS: tuple[Setting, ...] = (
             "/complete or /error", _choice("exact", "suffix")),
     Setting("KALLA_CALLBACK_TIMEOUT", "10",
             "seconds one callback POST may take before it counts as failed", _non_negative_float),
-    Setting("KALLA_CALLBACK_RETRIES", "5",
+    Setting("KALLA_CALLBACK_RETRIES", "8",
             "attempts for completion and error callbacks (exponential backoff)", _positive_int),
+    Setting("KALLA_CALLBACK_BACKOFF", "0.5",
+            "seconds before the first retry of a completion or error callback; doubles up to 8 s",
+            _non_negative_float),
     Setting("KALLA_CALLBACK_HOSTS", "",
             "when set (comma-separated), callback_url must name one of these hosts", _host_list),
     Setting("KALLA_API_TOKEN", "",
@@ -155,8 +167,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds the API waits for a client to send its request", _non_negative_float),
     Setting("KALLA_RETENTION_DAYS", "30",
             "finished jobs older than this are pruned from the journal", _non_negative_float),
-    Setting("KALLA_PARTITIONS", str(max(2, os.cpu_count() or 1)),
-            "parallel partitions per PostgreSQL or S3 source", _positive_int),
+    Setting("KALLA_PARTITIONS", "auto",
+            "parallel partitions per PostgreSQL or S3 source; auto = the number of cores, "
+            "at least 2", _partitions),
     Setting("KALLA_BATCH_ROWS", "65536", "rows per Arrow record batch read from a source",
             _positive_int),
     Setting("KALLA_PROGRESS_INTERVAL", "0.5",

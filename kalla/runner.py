@@ -7,7 +7,7 @@ import time
 import orjson
 
 from .callbacks import CallbackSender
-from .cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, load_job_file
+from .cli import EXIT_BAD_INPUT, EXIT_EXPECTATIONS, EXIT_FAILED, EXIT_OK, load_job_file, worst
 from .errors import KallaError
 from .pipeline import run_job
 
@@ -39,9 +39,9 @@ def run_files(args, settings) -> int:
             spec = load_job_file(path, args.source, settings, args.output)
         except KallaError as exc:
             print(f"kalla: {path}: {exc}", file=sys.stderr)
-            status = max(status, EXIT_BAD_INPUT)
+            status = worst(status, EXIT_BAD_INPUT)
             continue
-        status = max(status, run_one(spec, settings, args))
+        status = worst(status, run_one(spec, settings, args))
     return status
 
 
@@ -50,7 +50,8 @@ def run_one(spec, settings, args) -> int:
     sender = None
     if spec.callback_url:
         sender = CallbackSender(spec.callback_url, style=settings.callback_style,
-                                timeout=settings.callback_timeout, retries=settings.callback_retries)
+                                timeout=settings.callback_timeout, retries=settings.callback_retries,
+                                backoff=settings.callback_backoff)
 
     def report(event: dict) -> None:
         progress(event)
@@ -74,6 +75,10 @@ def run_one(spec, settings, args) -> int:
         print(orjson.dumps({**result, "status": "completed"}).decode())
     else:
         print(format_summary(result, time.perf_counter() - started))
+    if result.get("passed") is False:
+        failed = ", ".join(check["check"] for check in result["failed_checks"])
+        print(f"kalla: run {spec.run_id} failed its expectations: {failed}", file=sys.stderr)
+        return EXIT_EXPECTATIONS
     return EXIT_OK
 
 
@@ -87,4 +92,12 @@ def format_summary(result: dict, seconds: float) -> str:
     lines.append(f"  source rows      {sources}")
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.get("stage_seconds", {}).items())
     lines.append(f"  stages           {stages}")
+    ambiguous = result.get("ambiguous", {})
+    for rule, count in result.get("rule_counts", {}).items():
+        held = f"  ({ambiguous[rule]:,} ambiguous held back)" if ambiguous.get(rule) else ""
+        lines.append(f"  rule {rule!r}: {count:,} matched{held}")
+    if "passed" in result:
+        lines.append(f"  expectations     {'passed' if result['passed'] else 'FAILED'}")
+        for check in result["failed_checks"]:
+            lines.append(f"    {check['check']}: actual {check['actual']}, expected {check['expected']}")
     return "\n".join(lines)

@@ -1,0 +1,10 @@
+"""The runner service: `kalla serve`.
+
+    httpd.py      routes: plain-text errors, body cap, read deadlines, bearer token
+    supervisor.py the main loop: worker processes, signals, sd_notify, drain
+    jobqueue.py   the bounded queue of jobs waiting for a worker, and the service's errors
+    journal.py    the durable job journal (SQLite in KALLA_STATE_DIR)
+
+Nothing in this package imports datafusion, polars or pyarrow: only worker processes
+(kalla/worker.py, started with the ``spawn`` context) load the data stack.
+"""
