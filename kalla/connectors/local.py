@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from typing import Callable, Iterator, Sequence
 
 import pyarrow as pa
@@ -12,30 +11,9 @@ import pyarrow.dataset as ds
 
 from ..errors import SourceError
 from ..filters import BoundFilter, arrow_expression
+from .csvformat import (CONVERSION_ERROR, INFER_BLOCK_BYTES, READ_BLOCK_BYTES, WIDER,  # noqa: F401
+                        RestartRead, csv_options)
 from .base import Connector
-
-# pyarrow infers CSV column types from the first block only; a large first block makes a
-# later surprise rare, and `_widen` handles the rest by restarting with a wider type.
-INFER_BLOCK_BYTES = 16 << 20
-READ_BLOCK_BYTES = 8 << 20
-_CONVERSION_ERROR = re.compile(r"In CSV column #(\d+): .*CSV conversion error to (\w+)")
-_WIDER = {"int8": pa.int64(), "int16": pa.int64(), "int32": pa.int64(), "int64": pa.float64(),
-          "uint64": pa.float64(), "float": pa.float64(), "double": pa.string(),
-          "bool": pa.string(), "date32": pa.timestamp("us"), "timestamp": pa.string(),
-          "null": pa.string()}
-
-
-def _csv_options(column_types=None, column_names=None):
-    # Quoted fields follow RFC 4180: '"' quotes, '""' escapes a quote, and a quoted field may
-    # hold commas and newlines (newlines_in_values) - a local file is read as one stream,
-    # so record boundaries are never guessed. An empty field is NULL, as in DuckDB and
-    # Polars (pyarrow cannot keep a quoted "" apart from NULL once newlines_in_values is on).
-    parse = pacsv.ParseOptions(delimiter=",", quote_char='"', double_quote=True,
-                               newlines_in_values=True)
-    convert = pacsv.ConvertOptions(column_types=column_types or {}, strings_can_be_null=True,
-                                   quoted_strings_can_be_null=True)
-    return parse, convert
-
 
 class CsvConnector(Connector):
     """A local ``*.csv`` (or ``*.csv.gz``) file with a header row."""
@@ -49,7 +27,7 @@ class CsvConnector(Connector):
 
     def _open(self, schema: pa.Schema | None = None, block_size: int = READ_BLOCK_BYTES):
         """Return (reader, raw file); the raw file's position measures progress."""
-        parse, convert = _csv_options(dict(zip(schema.names, schema.types)) if schema else None)
+        parse, convert = csv_options(dict(zip(schema.names, schema.types)) if schema else None)
         read = pacsv.ReadOptions(block_size=block_size, use_threads=True)
         raw = None
         try:
@@ -94,18 +72,14 @@ class CsvConnector(Connector):
         progress(1.0)
 
     def _widen(self, exc: pa.ArrowInvalid) -> Exception:
-        m = _CONVERSION_ERROR.search(str(exc))
+        m = CONVERSION_ERROR.search(str(exc))
         if not m:
             return SourceError(f"{self.label}: malformed CSV {self.path}: {exc}")
         index = int(m.group(1))
         field = self._schema.field(index)
-        wider = _WIDER.get(str(field.type).split("[")[0], pa.string())
+        wider = WIDER.get(str(field.type).split("[")[0], pa.string())
         self._schema = self._schema.set(index, pa.field(field.name, wider))
         return RestartRead(f"column {field.name!r} widened from {field.type} to {wider}")
-
-
-class RestartRead(Exception):
-    """Raised by a connector whose inferred schema changed mid-read: read again from the start."""
 
 
 class ParquetConnector(Connector):
