@@ -1,8 +1,10 @@
 """Records that matched nothing: Polars anti-joins on each side's primary key.
 
-Only the key columns go through Polars (with a row number); the full rows are then
-fetched with pyarrow, row group by row group, so every source column keeps its exact
-Arrow type (decimals, dates, intervals, lists...) and memory holds one batch at a time.
+The anti-join streams whole source rows through Polars' streaming engine and each batch is
+cast back to the source's exact Arrow schema before it is written (Polars would otherwise
+turn string into large_string and time64[us] into time64[ns]). Should a column type not
+survive Polars, the fallback sends only the key columns (with a row number) through Polars
+and copies the full rows with pyarrow. Either way memory holds a batch, not the source.
 A key containing NULL never matches (``nulls_equal=False``): such rows are unmatched.
 """
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import logging
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROW = "__kalla_row"
+BATCH_ROWS = 65536
+log = logging.getLogger("kalla.unmatched")
 
 
 @dataclass
@@ -53,7 +59,7 @@ def write_rows(source_files: Sequence[str], rows: np.ndarray, out_path: str,
     """
     schema = pq.read_schema(source_files[0]) if source_files else pa.schema([])
     written, offset = 0, 0
-    with pq.ParquetWriter(out_path, schema, compression="snappy") as writer:
+    with pq.ParquetWriter(out_path, schema, **writer_options(schema)) as writer:
         for path in source_files:
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
@@ -81,7 +87,45 @@ def _copy_group(parquet, group: int, mask: np.ndarray, schema, writer, batch_row
     return written
 
 
+def writer_options(schema: pa.Schema) -> dict:
+    """Dictionary-encode only text and binary columns: for unique numbers it is wasted work."""
+    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or pa.types.is_binary(f.type) or pa.types.is_dictionary(f.type)]
+    return {"compression": "snappy", "use_dictionary": text or False}
+
+
+def _matched_keys(keys, matched_path, matched_columns, dtypes) -> pl.LazyFrame:
+    return (pl.scan_parquet(matched_path)
+            .select([pl.col(m).cast(dtypes[k], strict=False).alias(k)
+                     for m, k in zip(matched_columns, keys)])
+            .drop_nulls()
+            .unique())
+
+
+def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
+                     matched_columns: Sequence[str], out_path: str) -> UnmatchedResult:
+    """Full rows through Polars' streaming anti-join, cast back to the source schema."""
+    schema = pq.read_schema(source_files[0])
+    source = pl.scan_parquet(list(source_files))
+    dtypes = source.collect_schema()
+    anti = source.join(_matched_keys(keys, matched_path, matched_columns, dtypes), on=list(keys),
+                       how="anti", nulls_equal=False, maintain_order="left")
+    written = 0
+    with pq.ParquetWriter(out_path, schema, **writer_options(schema)) as writer:
+        for frame in anti.collect_batches(chunk_size=BATCH_ROWS, maintain_order=True):
+            table = frame.to_arrow().cast(schema)
+            writer.write_table(table)
+            written += table.num_rows
+    nulls = (source.select(list(keys)).filter(pl.any_horizontal([pl.col(k).is_null() for k in keys]))
+             .select(pl.len()).collect(engine="streaming").item())
+    return UnmatchedResult(written, int(nulls))
+
+
 def derive_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
                      matched_columns: Sequence[str], out_path: str) -> UnmatchedResult:
+    try:
+        return stream_unmatched(source_files, keys, matched_path, matched_columns, out_path)
+    except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError) as exc:
+        log.info("unmatched rows via key row numbers (%s: %s)", type(exc).__name__, exc)
     rows, null_keys = unmatched_row_numbers(source_files, keys, matched_path, matched_columns)
     return UnmatchedResult(write_rows(source_files, rows, out_path), null_keys)
