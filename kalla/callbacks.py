@@ -2,25 +2,34 @@
 
 Delivery never raises into the job: it returns an outcome that the caller records.
 Completion and error callbacks retry with exponential backoff on connection errors,
-timeouts, 5xx and 429; other 4xx answers are final. Progress callbacks are one attempt.
+timeouts, 5xx and 429; other answers are final. Progress callbacks are one attempt.
 `Courier` orders one job's callbacks: coalesced progress first, the terminal one last.
+
+A callback URL is chosen by whoever submits a job, so the receiver is untrusted: every
+attempt has one deadline for the whole exchange (a per-recv timeout alone lets a receiver
+that trickles a byte every few seconds hold the sender forever), redirects are never
+followed (a 3xx could point the service at a host KALLA_CALLBACK_HOSTS does not allow),
+and a receiver that does not speak HTTP is a failed delivery, not an exception.
 """
 from __future__ import annotations
 
+import http.client
 import logging
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urlsplit
 
 import orjson
 
 log = logging.getLogger("kalla.callbacks")
 
 KINDS = ("progress", "complete", "error")
+MAX_ANSWER_BYTES = 65536       # of a receiver's answer body read before closing
 
 
 @dataclass
@@ -30,10 +39,42 @@ class Outcome:
     attempts: int
     status: int | None = None
     error: str | None = None
+    final: bool = False          # retrying cannot help (refused URL, 4xx, 3xx)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "delivered": self.delivered, "attempts": self.attempts,
                 "status": self.status, "error": self.error}
+
+
+def url_problem(url: str, allowed_hosts=None) -> str | None:
+    """Why the service must not POST to ``url``, or None when it may.
+
+    >>> url_problem("https://hooks.example.com/kalla?t=1", ("hooks.example.com",)) is None
+    True
+    >>> url_problem("ftp://x/y")
+    'must be an http:// or https:// URL with a host'
+    >>> url_problem("http://hooks.example.com@evil.example/", ("hooks.example.com",))
+    'must not carry credentials (user:password@); put a token in the path or query'
+    >>> url_problem("http://other.example/cb", ("hooks.example.com",))
+    "host 'other.example' is not allowed (KALLA_CALLBACK_HOSTS)"
+    """
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:            # "Invalid IPv6 URL", "Port out of range 0-65535"
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if port == 0:
+        return "is not a valid URL (port 0)"
+    if "@" in parts.netloc:
+        return "must not carry credentials (user:password@); put a token in the path or query"
+    host = parts.hostname.rstrip(".")
+    if allowed_hosts and host not in allowed_hosts:
+        return f"host {host!r} is not allowed (KALLA_CALLBACK_HOSTS)"
+    return None
 
 
 def _json_default(value):
@@ -49,13 +90,15 @@ class CallbackSender:
     """POSTs callback bodies to one job's callback_url."""
 
     def __init__(self, url: str, *, style: str = "exact", timeout: float = 10.0,
-                 retries: int = 5, backoff: float = 0.5, max_backoff: float = 8.0):
+                 retries: int = 5, backoff: float = 0.5, max_backoff: float = 8.0,
+                 allowed_hosts=None):
         self.url = url
         self.style = style
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.allowed_hosts = allowed_hosts
 
     def target(self, kind: str) -> str:
         if self.style == "suffix":
@@ -67,7 +110,7 @@ class CallbackSender:
         outcome = Outcome(kind, False, 0)
         delay = self.backoff
         for attempt in range(1, attempts + 1):
-            outcome = self._post_once(kind, body)
+            outcome = self._attempt(kind, body)
             outcome.attempts = attempt
             if outcome.delivered or not _retryable(outcome):
                 break
@@ -81,22 +124,79 @@ class CallbackSender:
                 kind, body.get("run_id"), outcome.attempts, outcome.error)
         return outcome
 
-    def _post_once(self, kind: str, body: dict) -> Outcome:
-        request = urllib.request.Request(
-            self.target(kind), data=encode(body), method="POST",
-            headers={"Content-Type": "application/json", "User-Agent": "kalla-runner"})
+    def _attempt(self, kind: str, body: dict) -> Outcome:
+        url = self.target(kind)
+        problem = url_problem(url, self.allowed_hosts)
+        if problem is not None:
+            return Outcome(kind, False, 0, None, f"callback_url {problem}", final=True)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                response.read(65536)
-                return Outcome(kind, 200 <= response.status < 300, 0, response.status)
-        except urllib.error.HTTPError as exc:
-            return Outcome(kind, False, 0, exc.code, f"HTTP {exc.code}")
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return Outcome(kind, False, 0, None, f"{type(exc).__name__}: {reason}")
+            status = post(url, encode(body), self.timeout)
+        except Exception as exc:  # a receiver must never crash delivery, whatever it sends
+            return Outcome(kind, False, 0, None, _describe(exc, self.timeout))
+        if 200 <= status < 300:
+            return Outcome(kind, True, 0, status)
+        note = " (redirects are not followed)" if 300 <= status < 400 else ""
+        return Outcome(kind, False, 0, status, f"HTTP {status}{note}")
+
+
+def post(url: str, data: bytes, timeout: float) -> int:
+    """POST ``data`` as JSON; the answer's status. The whole exchange gets ``timeout``
+    seconds: a watchdog shuts the socket down when they run out."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                           context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    expired = threading.Event()
+    watchdog = threading.Timer(timeout, _expire, (conn, expired)) if timeout > 0 else None
+    if watchdog:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        conn.request("POST", path, body=data, headers={
+            "Content-Type": "application/json", "User-Agent": "kalla-runner",
+            "Connection": "close"})
+        response = conn.getresponse()
+    except Exception:
+        if expired.is_set():
+            raise TimeoutError(f"no complete answer within {timeout:g}s") from None
+        raise
+    else:
+        try:                       # the status is the answer; the body is only drained
+            response.read(MAX_ANSWER_BYTES)
+        except (OSError, http.client.HTTPException):
+            pass
+        return response.status
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        conn.close()
+
+
+def _expire(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
+    expired.set()
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)     # wakes the blocked send or recv
+        except OSError:
+            pass
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        text = str(exc) if "within" in str(exc) else f"no answer within {timeout:g}s"
+        return f"timeout: {text}"
+    if isinstance(exc, http.client.HTTPException):
+        return f"not an HTTP answer ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _retryable(outcome: Outcome) -> bool:
+    if outcome.final:
+        return False
     return outcome.status is None or outcome.status == 429 or outcome.status >= 500
 
 
@@ -174,7 +274,11 @@ class Courier:
     def _run(self) -> None:
         try:
             while (item := self._next()) is not None:
-                outcome = self.sender.send(*item)
+                try:
+                    outcome = self.sender.send(*item)
+                except Exception as exc:  # a bug; the outcome must still be recorded
+                    log.exception("sending a %s callback failed", item[0])
+                    outcome = Outcome(item[0], False, 1, None, f"internal error: {exc!r}"[:300])
                 if item[0] == "progress" and not outcome.delivered:
                     with self._cond:
                         self._pending.clear()

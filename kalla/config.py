@@ -99,6 +99,16 @@ def _memory(text: str) -> int:
     return value
 
 
+def _memory_cap(text: str) -> int | None:
+    """``auto`` (None: derived from KALLA_WORKER_MEMORY by the supervisor), 0, or a size."""
+    if text == "auto":
+        return None
+    value = parse_size(text)
+    if value and value < 128 * 1024**2:
+        raise ValueError("must be 0 (no cap) or at least 128MiB")
+    return value
+
+
 def _default_worker_memory() -> int:
     """Half the machine's RAM shared between the worker processes."""
     try:
@@ -142,6 +152,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("KALLA_WORKER_MEMORY", "auto",
             "memory budget of one job (DataFusion pool and buffers), e.g. 1GiB; "
             "auto = half the RAM divided by KALLA_WORKERS", _memory),
+    Setting("KALLA_WORKER_MEMORY_LIMIT", "auto",
+            "hard cap on one worker process's resident memory: a worker above it is killed and "
+            "its job fails; auto = 2 x KALLA_WORKER_MEMORY + 1GiB, 0 = no cap", _memory_cap),
     Setting("KALLA_JOIN_STRATEGY", "auto",
             "auto: hash joins when the smaller inputs fit the memory budget, else spilling "
             "sort-merge joins; hash or sort-merge forces one", _choice("auto", "hash", "sort-merge")),

@@ -14,8 +14,10 @@ from .errors import OutputError
 FILES = {"matched": "matched.parquet", "unmatched_left": "unmatched_left.parquet",
          "unmatched_right": "unmatched_right.parquet"}
 SUMMARY = "summary.json"
-# Outputs hold financial records: readable by the owner and its group, never by others.
+# Outputs hold financial records: readable by the owner and its group, never by others;
+# directories Kalla creates are likewise closed to others (not even their file names show).
 FILE_MODE = 0o640
+DIR_MODE = 0o750
 
 
 class Outputs:
@@ -25,9 +27,9 @@ class Outputs:
 
     def prepare(self) -> None:
         try:
-            os.makedirs(self.final_dir, exist_ok=True)
+            make_dirs(self.final_dir)
             shutil.rmtree(self.partial_dir, ignore_errors=True)
-            os.makedirs(self.partial_dir, mode=0o750)
+            os.mkdir(self.partial_dir, DIR_MODE)
         except OSError as exc:
             raise OutputError(f"cannot create output directory {self.final_dir}: {exc.strerror}",
                               stage="staging") from None
@@ -62,6 +64,24 @@ class Outputs:
 
     def discard(self) -> None:
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def make_dirs(path: str, mode: int = DIR_MODE) -> None:
+    """os.makedirs, but every directory it creates gets ``mode`` (less the umask):
+    os.makedirs applies its mode to the last directory only."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
 
 
 def _remove(path: str) -> None:

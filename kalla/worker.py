@@ -142,7 +142,8 @@ class WorkerHandle:
         self.ready = False
         self.job = None              # the RunningJob it was given, if any
         self.gone = False            # pipe closed: the process is exiting or dead
-        self.killed = False          # by us, to stop a job that ignored its cancel
+        self.killed = False          # by us, on purpose: a job that ignored its cancel
+        self.exit_reason: str | None = None   # why we killed it, for its job's error
         self.boot_error: str | None = None
 
     @property

@@ -44,6 +44,7 @@ INVALID = [
     (("run_id",), 42, "run_id", "must be a string"),
     (("callback_url",), DELETE, "callback_url", "is required"),
     (("callback_url",), "ftp://example.com/x", "callback_url", "http:// or https://"),
+    (("callback_url",), "http://example.com:99999/x", "callback_url", "is not a valid URL"),
     (("match_sql",), DELETE, "match_sql", "is required"),
     (("match_sql",), "   ", "match_sql", "must not be empty"),
     (("match_sql",), ["SELECT 1"], "match_sql", "must be a string, got an array"),
@@ -64,6 +65,11 @@ INVALID = [
     (("sources", 0, "uri"), "/nonexistent/*.parquet", "sources[0].uri", "no file matches"),
     (("sources", 0, "uri"), "postgres://u:p@localhost/db", "sources[0].uri", "needs ?table=NAME"),
     (("sources", 0, "uri"), "s3://bucket-only", "sources[0].uri", "needs a bucket and a key"),
+    (("sources", 0, "uri"), "postgres://h/db?table=t&passfile=/root/.pgpass", "sources[0].uri",
+     "passfile parameter is not allowed"),
+    (("sources", 0, "uri"), "postgres://h/db?table=t&service=prod", "sources[0].uri",
+     "service parameter is not allowed"),
+    (("sources", 0, "uri"), "postgres://[::1/db?table=t", "sources[0].uri", "is not a valid URI"),
     (("sources", 0, "filters"), {"column": "a"}, "sources[0].filters", "must be an array"),
     (("sources", 0, "filters"), [{"op": "eq", "value": 1}], "sources[0].filters[0].column", "is required"),
     (("sources", 0, "filters"), [{"column": "a", "op": "approx", "value": 1}],
@@ -133,6 +139,22 @@ def test_output_root_confines_output_path(job, tmp_path):
     for escape in ("../elsewhere", "/etc", "run1/../../x"):
         with pytest.raises(InvalidInput, match="output_path: resolves outside KALLA_OUTPUT_ROOT"):
             parse_job({**job, "output_path": escape}, output_root=str(root))
+
+
+def test_data_roots_check_every_glob_match(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (outside / "secret.parquet").write_bytes(b"PAR1")
+    (root / "a.parquet").write_bytes(b"PAR1")
+    (root / "b.parquet").symlink_to(outside / "secret.parquet")
+    job = {"match_sql": "SELECT 1", "output_path": str(tmp_path / "out"),
+           "sources": [{"alias": "a", "uri": f"{root}/*.parquet"}, {"alias": "b", "uri": str(root / "a.parquet")}],
+           "primary_keys": {"a": ["id"], "b": ["id"]}}
+    with pytest.raises(InvalidInput, match="outside the allowed data roots.*b.parquet"):
+        parse_job(job, batch=True, data_roots=(str(root),))
+    with pytest.raises(InvalidInput, match="outside the allowed data roots"):
+        parse_job({**job, "sources": [{"alias": "a", "uri": "/*/*.parquet"}, job["sources"][1]]},
+                  batch=True, data_roots=(str(root),))
 
 
 def test_data_roots_confine_local_sources(job, tmp_path):

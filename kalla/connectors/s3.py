@@ -32,7 +32,9 @@ STREAM_BLOCK_BYTES = 8 * MiB
 # The AWS SDK's defaults (1 s connect, 3 attempts with backoff) still retry a refused
 # connection for seconds; these keep a dead endpoint's failure under ~3 s.
 CONNECT_TIMEOUT_S = 3.0
-REQUEST_TIMEOUT_S = 30.0    # honoured on macOS/Windows only (the SDK ignores it on Linux)
+# On Linux the SDK applies this as a low-speed limit: an endpoint that accepts the connection
+# but sends nothing fails after it (per attempt), instead of holding the worker for minutes.
+REQUEST_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 3
 _TRUE = ("1", "true", "yes", "on")
 _TRANSIENT = ("SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",

@@ -1,38 +1,38 @@
 """The HTTP API: routes, plain-text errors, body cap, read deadlines, bearer token.
 
-A stdlib ThreadingHTTPServer with two limits the stdlib lacks: at most MAX_THREADS
-handler threads (beyond that a connection gets an immediate 503), and a whole-request read
-deadline (KALLA_READ_TIMEOUT) enforced by one watchdog thread - a per-recv socket timeout
-alone lets a client that sends one byte every few seconds hold a thread forever.
+A stdlib HTTPServer whose connections wait in the intake (intake.py) until their request has
+fully arrived, and are then answered by one of at most MAX_THREADS handler threads: a slow
+client costs a buffer, never a thread, and /health is answered even when every thread is
+busy. Handler threads read only buffered bytes, except for a body the client sends after
+``100 Continue``; that read, and every response write, has a deadline (KALLA_READ_TIMEOUT).
 Errors are KallaErrors; their `status` becomes the HTTP status here and nowhere else.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import re
 import socket
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from ..callbacks import url_problem
 from ..errors import InvalidInput, KallaError
 from ..jobs import parse_job
+from .intake import MAX_THREADS, Connection, HandlerPool, Intake
+from .jobqueue import one_line
 from .journal import JobStatus
 
 log = logging.getLogger("kalla.httpd")
 
-MAX_THREADS = 64
 MAX_DISCARD = 16 << 20      # bytes of a refused body read and dropped before closing
-BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                 b"Retry-After: 1\r\nContent-Length: 12\r\nConnection: close\r\n\r\nserver busy\n")
-TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                    b"Content-Length: 28\r\nConnection: close\r\n\r\nrequest not received in time\n")
+WRITE_CHUNK = 65536
 
 
 class HttpError(KallaError):
@@ -42,86 +42,92 @@ class HttpError(KallaError):
         self.headers = headers or {}
 
 
-class ReadDeadlines:
-    """Shuts down connections whose request has not fully arrived within the timeout."""
+class ReadTimeout(TimeoutError):
+    """The rest of a request did not arrive by its deadline."""
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._armed: dict[socket.socket, tuple[float, bool]] = {}
-        self._expired: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        if timeout > 0:
-            threading.Thread(target=self._watch, name="read-deadlines", daemon=True).start()
 
-    def arm(self, sock: socket.socket, first_request: bool) -> None:
-        if self.timeout > 0:
-            with self._lock:
-                self._armed[sock] = (time.monotonic() + self.timeout, first_request)
+class SocketReader(io.RawIOBase):
+    """The bytes the intake buffered, then the socket, each recv bounded by one deadline."""
 
-    def disarm(self, sock: socket.socket) -> bool:
-        """Stop watching; False if the deadline already passed (the socket is shut down)."""
-        with self._lock:
-            self._armed.pop(sock, None)
-            if sock in self._expired:
-                self._expired.discard(sock)
-                return False
-            return True
+    def __init__(self, buffered: bytes, sock: socket.socket, deadline: float | None):
+        self.buffered = memoryview(buffered)
+        self.sock = sock
+        self.deadline = deadline
 
-    def _watch(self) -> None:
-        tick = min(0.25, self.timeout / 4)
-        while True:
-            time.sleep(tick)
-            now = time.monotonic()
-            with self._lock:
-                for sock, (deadline, first) in list(self._armed.items()):
-                    if now >= deadline:
-                        del self._armed[sock]
-                        self._expired.add(sock)
-                        self._expire(sock, first)
+    def readable(self) -> bool:
+        return True
 
-    @staticmethod
-    def _expire(sock: socket.socket, first_request: bool) -> None:
+    def readinto(self, target) -> int:
+        if self.buffered:
+            n = min(len(target), len(self.buffered))
+            target[:n] = self.buffered[:n]
+            self.buffered = self.buffered[n:]
+            return n
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise ReadTimeout("request not received in time")
+            self.sock.settimeout(left)
         try:
-            # Only a connection's first request gets a 408: on an idle keep-alive connection
-            # a client would read it as the answer to the request it sends next.
-            if first_request:
-                sock.send(TIMEOUT_RESPONSE, socket.MSG_DONTWAIT)
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+            return self.sock.recv_into(target)
+        except socket.timeout:
+            raise ReadTimeout("request not received in time") from None
 
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
+class SocketWriter:
+    """sendall with a deadline per write: a client that does not read cannot hold a thread."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock = sock
+        self.timeout = timeout
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
+        while view:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the client did not take the response in time")
+                self.sock.settimeout(left)
+            sent = self.sock.send(view[:WRITE_CHUNK])
+            view = view[sent:]
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class ApiServer(HTTPServer):
+    request_queue_size = 1024     # listen backlog: a burst of connections waits in the kernel
 
     def __init__(self, bind: tuple[str, int], service, settings):
         self.service = service
         self.settings = settings
-        self.slots = threading.BoundedSemaphore(MAX_THREADS)
-        self.deadlines = ReadDeadlines(settings.read_timeout)
         self.address_family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
         super().__init__(bind, Handler)
+        self.pool = HandlerPool(self.answer, MAX_THREADS)
+        self.intake = Intake(self.pool.submit, settings.read_timeout, settings.max_body_bytes)
 
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.send(BUSY_RESPONSE, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
+    def process_request(self, request, client_address) -> None:
+        self.intake.add(Connection(request, client_address, self.intake.budget))
 
-    def process_request_thread(self, request, client_address):
+    def answer(self, conn: Connection) -> None:
+        """On a handler thread: answer the request the intake buffered, then hand the
+        connection back to the intake for the next one, or close it."""
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+            handler = self.RequestHandlerClass(conn, conn.address, self)
+            keep = not handler.close_connection and conn.request.complete
+        except Exception:  # the handler answers its own errors; this is a bug or a reset
+            log.debug("connection from %s failed", conn.address[0], exc_info=True)
+            keep = False
+        if keep:
+            conn.answered += 1
+            conn.request = None
+            self.intake.add(conn)
+        else:
+            conn.close()
 
     def handle_error(self, request, client_address) -> None:
         log.exception("connection from %s failed", client_address[0])
@@ -134,20 +140,25 @@ class Handler(BaseHTTPRequestHandler):
         return "kalla"
 
     def setup(self) -> None:
-        # A per-recv timeout only as a backstop, later than the watchdog's deadline so that
-        # a slow client gets the watchdog's 408 rather than a silent close.
-        read_timeout = self.server.settings.read_timeout
-        self.timeout = read_timeout + 5 if read_timeout else None
-        super().setup()
-        self.requests_seen = 0
+        conn: Connection = self.request
+        self.conn = conn
+        self.connection = conn.sock
+        conn.sock.setblocking(True)
+        head = conn.take(conn.request.size)
+        timeout = self.server.settings.read_timeout
+        if conn.request.complete:          # every byte is buffered: no socket read at all
+            self.rfile = io.BytesIO(head)
+        else:                              # the body follows (100-continue) or is refused
+            deadline = conn.deadline if timeout > 0 else None
+            self.rfile = io.BufferedReader(SocketReader(head, conn.sock, deadline))
+        self.wfile = SocketWriter(conn.sock, timeout)
+        self.close_connection = True
 
-    def handle_one_request(self) -> None:
-        self.server.deadlines.arm(self.connection, first_request=self.requests_seen == 0)
-        self.requests_seen += 1
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.deadlines.disarm(self.connection)
+    def handle(self) -> None:
+        self.handle_one_request()          # one request; the intake waits for the next
+
+    def finish(self) -> None:
+        pass                               # the server closes or keeps the connection
 
     # every method goes through one router, so a wrong one gets 405 rather than 501
     def do_GET(self): self.dispatch()
@@ -159,8 +170,11 @@ class Handler(BaseHTTPRequestHandler):
         except KallaError as exc:
             self.reply_error(exc)
             self.discard_unread_body()
+        except ReadTimeout:
+            self.close_connection = True
+            self.reply_text(408, "request not received in time")
         except (ConnectionError, TimeoutError):
-            self.close_connection = True       # the client left, or its deadline passed
+            self.close_connection = True       # the client left, or did not read our answer
         except Exception:
             log.exception("%s %s failed", self.command, self.path)
             self.close_connection = True
@@ -168,14 +182,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self) -> None:
         self.body = None
+        if not self.conn.request.complete:
+            self.close_connection = True       # its body was not buffered: never reuse
         path = urlsplit(self.path).path.rstrip("/") or "/"
         if path.startswith("/api/"):
             self.check_token()                 # before anything that reveals what exists
         handler, params = find_route(path, self.command)
         self.body = self.read_body()
-        if not self.server.deadlines.disarm(self.connection):
-            self.close_connection = True       # too slow: the watchdog already answered 408
-            return
         handler(self, **params)
 
     def handle_expect_100(self) -> bool:
@@ -242,6 +255,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")    # error texts echo input
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         if self.close_connection:
@@ -251,7 +265,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def reply_text(self, status: int, text: str, headers: dict | None = None) -> None:
-        self.reply(status, (text + "\n").encode(), "text/plain; charset=utf-8", headers)
+        # One line, whatever the message quotes from the request (a key with a newline...)
+        self.reply(status, (one_line(text) + "\n").encode("utf-8", "backslashreplace"),
+                   "text/plain; charset=utf-8", headers)
 
     def reply_json(self, status: int, value) -> None:
         self.reply(status, orjson.dumps(value), "application/json")
@@ -262,9 +278,21 @@ class Handler(BaseHTTPRequestHandler):
             headers["Retry-After"] = str(exc.retry_after)
         self.reply_text(exc.status, str(exc), headers)
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":     # no status line, no headers: refused
+            self.send_error(505, "HTTP/0.9 is not supported; use HTTP/1.0 or HTTP/1.1")
+            return False
+        return True
+
     def send_error(self, code, message=None, explain=None) -> None:
         """The stdlib's own errors (bad request line, huge headers): plain text too."""
         self.close_connection = True
+        # The stdlib answers an unsupported version before it has one to reply in; without
+        # this the answer would be HTTP/0.9 style, a body without a status line.
+        if self.request_version == "HTTP/0.9" or not hasattr(self, "request_version"):
+            self.request_version = "HTTP/1.1"
         try:
             self.reply_text(code, message or self.responses.get(code, ("error",))[0])
         except OSError:
@@ -304,12 +332,20 @@ def submit_job(handler: Handler) -> None:
     except orjson.JSONDecodeError as exc:
         raise InvalidInput("request body", f"invalid JSON: {exc}") from None
     settings = handler.server.settings
+    check_callback_url(data, settings.callback_hosts)
     spec = parse_job(data, output_root=settings.output_root, data_roots=settings.data_roots)
-    host = (urlsplit(spec.callback_url).hostname or "").lower()
-    if settings.callback_hosts and host not in settings.callback_hosts:
-        raise InvalidInput("callback_url", f"host {host!r} is not allowed (KALLA_CALLBACK_HOSTS)")
     digest = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     handler.reply_json(200, handler.server.service.submit(spec, digest))
+
+
+def check_callback_url(data, allowed_hosts) -> None:
+    """The service POSTs to callback_url, so it checks it first: scheme, host, no
+    credentials or control characters, and KALLA_CALLBACK_HOSTS."""
+    url = data.get("callback_url") if isinstance(data, dict) else None
+    if isinstance(url, str):
+        problem = url_problem(url, allowed_hosts)
+        if problem is not None:
+            raise InvalidInput("callback_url", problem)
 
 
 def list_jobs(handler: Handler) -> None:

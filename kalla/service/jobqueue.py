@@ -29,6 +29,19 @@ from ..outputs import Outputs
 from .journal import Journal, JobStatus, render
 
 
+def one_line(text: str) -> str:
+    """Text made safe for a one-line answer or log line: control characters and line
+    separators (which a request can smuggle into a field name) become escapes.
+
+    >>> one_line("expect.\\nFAKE LOG LINE\\x1b[31m")
+    'expect.\\\\nFAKE LOG LINE\\\\x1b[31m'
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else
+                   ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class QueueFull(KallaError):
     status = 500          # the reference says 500; Retry-After tells clients when to retry
     retryable = True
@@ -152,6 +165,9 @@ class JobBook:
     # ------------------------------------------------------------------ HTTP side
     def submit(self, run_id: str, request: dict, digest: str, idle_workers: int) -> dict:
         accepted = {"run_id": run_id, "status": "accepted"}
+        # A worker gets the request exactly as the journal holds it (JSON: tuples become
+        # arrays), so a job runs the same whether it starts now or after a restart.
+        request = orjson.loads(orjson.dumps(request))
         # submit_lock, not self.lock: the journal's fsync must not stall the main loop.
         with self.submit_lock:
             existing = self.journal.get(run_id)
@@ -254,7 +270,7 @@ class JobBook:
             self.journal.finish(run_id, JobStatus.FAILED, stage=stage, kind="error",
                                 body=body, error=text)
         self.metrics.JOBS_FAILED.inc()
-        log.info("job %s failed in %s: %s", run_id, stage, text)
+        log.info("job %s failed in %s: %s", run_id, stage, one_line(text))
         job.courier.finish("error", body)
         job.finished.set()
 
@@ -285,7 +301,10 @@ class JobBook:
         sender = CallbackSender(request["callback_url"], style=self.settings.callback_style,
                                 timeout=self.settings.callback_timeout,
                                 retries=self.settings.callback_retries,
-                                backoff=self.settings.callback_backoff)
+                                backoff=self.settings.callback_backoff,
+                                # checked again at every send: a job accepted before the
+                                # allow-list was tightened (and recovered at restart) too
+                                allowed_hosts=self.settings.callback_hosts)
 
         def record(outcome) -> None:
             self.metrics.observe_callback(outcome.kind, outcome.delivered)

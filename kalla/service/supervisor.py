@@ -25,6 +25,7 @@ from ..errors import JobCancelled, KallaError, WorkerDied
 from ..worker import BOOT_ERROR, WorkerHandle, describe_exit
 from .jobqueue import JobBook, ServiceDraining
 from .journal import Journal
+from .memguard import MemoryGuard, gib, memory_cap
 
 log = logging.getLogger("kalla.supervisor")
 
@@ -56,6 +57,8 @@ class Supervisor:
         self.boot_failures = 0
         self.notified_ready = False
         self.last_prune = 0.0
+        self.overweight: list[tuple[int, object, int]] = []    # from the memory guard
+        self.guard = MemoryGuard(memory_cap(settings), self.on_overweight)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -104,6 +107,10 @@ class Supervisor:
         self.update_gauges()
         return self.metrics.render()
 
+    def on_overweight(self, pid: int, run_id: str | None, used: int) -> None:
+        self.overweight.append((pid, run_id, used))      # the main loop acts on it
+        self.wake()
+
     def on_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)       # the main loop acts on it
         self.wake()
@@ -118,12 +125,15 @@ class Supervisor:
                 self.handle_signals()
                 for worker in list(self.workers):
                     self.read_messages(worker)
+                self.enforce_memory_cap()
                 self.reap_workers()
                 self.check_ready()
                 self.dispatch()
                 self.enforce_cancels()
                 self.housekeeping()
                 self.update_gauges()
+                self.guard.watch((w.pid, w.job.run_id if w.job else None)
+                                 for w in self.workers if w.ready and not w.gone)
         except Halt as exc:
             log.error("stopping: %s", exc)
             self.halting = True
@@ -211,8 +221,28 @@ class Supervisor:
             self.metrics.mark_process_dead(worker.pid)
             self.on_worker_exit(worker)
 
+    def enforce_memory_cap(self) -> None:
+        """Kill the workers the memory guard found above KALLA_WORKER_MEMORY_LIMIT."""
+        while self.overweight:
+            pid, run_id, used = self.overweight.pop(0)
+            for worker in self.workers:
+                if worker.pid != pid or (worker.job.run_id if worker.job else None) != run_id:
+                    continue         # it has moved on to another job since the sample
+                if worker.job is None:
+                    log.info("worker %d (pid %d) holds %s while idle, over "
+                             "KALLA_WORKER_MEMORY_LIMIT; replacing it", worker.index, pid, gib(used))
+                    worker.killed = True
+                else:
+                    worker.exit_reason = (
+                        f"used {gib(used)} of memory, more than KALLA_WORKER_MEMORY_LIMIT "
+                        f"({gib(self.guard.cap)}), and was stopped")
+                    log.error("worker %d (pid %d) running job %s %s", worker.index, pid,
+                              run_id, worker.exit_reason)
+                worker.kill()
+                worker.gone = True       # no job is dispatched to it; reaped right below
+
     def on_worker_exit(self, worker: WorkerHandle) -> None:
-        how = describe_exit(worker.process.exitcode)
+        how = worker.exit_reason or describe_exit(worker.process.exitcode)
         if worker.process.exitcode == BOOT_ERROR or not worker.ready:
             self.boot_failures += 1
             reason = worker.boot_error or f"it {how} before it was ready"
