@@ -10,6 +10,7 @@ import pyarrow as pa
 from datafusion import DataFrame, RuntimeEnvBuilder, SessionConfig, SessionContext, SQLOptions, lit
 
 from .errors import MatchError
+from .functions import register_functions
 from .sqltext import rewrite_functions, strip_statement_end
 
 # DataFusion 55.2's physical optimizer pushes a narrowing projection below a
@@ -40,7 +41,9 @@ def make_context(*, memory_bytes: int, spill_dir: str, partitions: int | None = 
               # Plain Utf8 rather than Utf8View, so output strings keep the source's type.
               .set("datafusion.execution.parquet.schema_force_view_types", "false")
               .set("datafusion.sql_parser.map_string_types_to_utf8view", "false"))
-    return SessionContext(config, runtime)
+    ctx = SessionContext(config, runtime)
+    register_functions(ctx)     # Kalla's UDFs (jaro_winkler) in every context, checks included
+    return ctx
 
 
 def register_parquet(ctx: SessionContext, alias: str, path: str) -> None:

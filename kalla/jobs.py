@@ -19,6 +19,9 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FILTER_OPS = ("eq", "neq", "gt", "gte", "lt", "lte", "between", "in", "like")
 SCALAR_OPS = ("eq", "neq", "gt", "gte", "lt", "lte")
 MAX_SQL_CHARS = 100_000
+# libpq parameters that name files on the runner's host (credentials, service definitions):
+# a job must not be able to make the runner read them. TLS files (sslcert...) stay allowed.
+FILE_PARAMS = ("passfile", "service", "servicefile")
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,8 @@ class FilterSpec:
     value: Any
 
     def to_dict(self) -> dict:
-        return {"column": self.column, "op": self.op, "value": self.value}
+        value = list(self.value) if isinstance(self.value, tuple) else self.value
+        return {"column": self.column, "op": self.op, "value": value}
 
 
 @dataclass(frozen=True, repr=False)
@@ -56,6 +60,8 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
+    """A validated job. With ``rules``, ``match_sql`` is the first rule's SQL: the one the
+    staging checks plan before any data is read (the matching stage plans every rule)."""
     run_id: str
     callback_url: str | None
     match_sql: str
@@ -63,6 +69,9 @@ class JobSpec:
     output_path: str
     primary_keys: Mapping[str, tuple[str, ...]]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    rules: tuple = ()                          # of kalla.rules.RuleSpec, in pass order
+    expect: Mapping[str, float] | None = None  # kalla.expectations checks
+    explain: bool = False                      # add _kalla_* break explanations
 
     @property
     def left(self) -> SourceSpec:
@@ -78,6 +87,13 @@ class JobSpec:
                "sources": [s.to_dict() for s in self.sources],
                "output_path": self.output_path,
                "primary_keys": {k: list(v) for k, v in self.primary_keys.items()}}
+        if self.rules:       # exactly one of match_sql and rules, as parse_job demands
+            del out["match_sql"]
+            out["rules"] = [rule.to_dict() for rule in self.rules]
+        if self.expect is not None:
+            out["expect"] = dict(self.expect)
+        if self.explain:
+            out["explain"] = True
         out.update(self.extra)
         return out
 
@@ -183,9 +199,20 @@ def parse_filter(data: Any, where: str) -> FilterSpec:
 
 def classify_uri(uri: str, where: str) -> str:
     """Return the source kind of a URI, or raise InvalidInput for an unsupported one."""
+    try:
+        return _classify_uri(uri, where)
+    except ValueError as exc:        # urlsplit: e.g. an unclosed '[' in the host
+        raise InvalidInput(where, f"is not a valid URI ({exc})") from None
+
+
+def _classify_uri(uri: str, where: str) -> str:
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     if scheme in ("postgres", "postgresql"):
         query = parse_qs(urlsplit(uri).query)
+        for name in FILE_PARAMS:
+            if name in query:
+                raise InvalidInput(where, f"the {name} parameter is not allowed: it would make the "
+                                          "runner read a file of its own host")
         tables = query.get("table")
         if not tables or not tables[0].strip():
             raise InvalidInput(where, "a postgres:// URI needs ?table=NAME")
@@ -205,15 +232,35 @@ def classify_uri(uri: str, where: str) -> str:
     return "csv" if lowered.endswith((".csv", ".csv.gz")) else "parquet"
 
 
+MAX_GLOB_MATCHES = 10_000
+
+
 def check_local_path(path: str, where: str, data_roots: tuple[str, ...] | None) -> None:
-    resolved = os.path.realpath(path)
-    if data_roots and not any(_inside(resolved, root) for root in data_roots):
-        raise InvalidInput(where, "local path is outside the allowed data roots (KALLA_DATA_ROOTS)")
-    if glob.has_magic(path):
-        if not glob.glob(path):
-            raise InvalidInput(where, f"no file matches {path}")
-    elif not os.path.exists(path):
-        raise InvalidInput(where, f"file does not exist: {path}")
+    def allowed(candidate: str) -> bool:
+        resolved = os.path.realpath(candidate)
+        return not data_roots or any(_inside(resolved, root) for root in data_roots)
+
+    outside = "local path is outside the allowed data roots (KALLA_DATA_ROOTS)"
+    if not glob.has_magic(path):
+        if not allowed(path):
+            raise InvalidInput(where, outside)
+        if not os.path.exists(path):
+            raise InvalidInput(where, f"file does not exist: {path}")
+        return
+    # The fixed part of a pattern must lie inside the roots before anything is listed, and
+    # every match is checked (a symlink among them may point out); listing is bounded.
+    prefix = path[:min(path.index(c) for c in "*?[" if c in path)]
+    if not allowed(os.path.dirname(prefix) or "."):
+        raise InvalidInput(where, outside)
+    found = 0
+    for match in glob.iglob(path):
+        if not allowed(match):
+            raise InvalidInput(where, f"{outside}: {match}")
+        found += 1
+        if found > MAX_GLOB_MATCHES:
+            raise InvalidInput(where, f"matches more than {MAX_GLOB_MATCHES} files")
+    if not found:
+        raise InvalidInput(where, f"no file matches {path}")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -240,6 +287,9 @@ def parse_source(data: Any, where: str, data_roots=None, check_files=True) -> So
         raise InvalidInput(f"{where}filters", f"must be an array, got {_json_type(raw_filters)}")
     filters = tuple(parse_filter(f, f"{where}filters[{i}].") for i, f in enumerate(raw_filters))
     expected = data.get("expected_columns")
+    if expected is not None and (not isinstance(expected, list) or
+                                 not all(isinstance(c, str) and c for c in expected)):
+        raise InvalidInput(f"{where}expected_columns", "must be an array of column names")
     return SourceSpec(alias, uri, kind, filters, tuple(expected) if expected else None)
 
 
@@ -296,12 +346,15 @@ def parse_job(data: Any, *, batch: bool = False, output_root: str | None = None,
     callback_url = data.get("callback_url")
     if callback_url is not None or not batch:
         callback_url = _non_empty_str(data, "callback_url")
-        parts = urlsplit(callback_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(callback_url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port      # raises ValueError for a port out of range
+        except ValueError as exc:
+            raise InvalidInput("callback_url", f"is not a valid URL ({exc})") from None
+        if not valid:
             raise InvalidInput("callback_url", "must be an http:// or https:// URL with a host")
-    match_sql = _non_empty_str(data, "match_sql")
-    if len(match_sql) > MAX_SQL_CHARS:
-        raise InvalidInput("match_sql", f"is longer than {MAX_SQL_CHARS} characters")
+    match_sql, rules = _parse_matching(data)
     raw_sources = _require(data, "sources", list)
     if len(raw_sources) < 2:
         raise InvalidInput("sources", "needs at least two sources (left and right)")
@@ -315,7 +368,35 @@ def parse_job(data: Any, *, batch: bool = False, output_root: str | None = None,
         seen[s.alias.lower()] = i
     output_path = resolve_output_path(_non_empty_str(data, "output_path"), output_root)
     primary_keys = parse_primary_keys(_require(data, "primary_keys", dict), sources)
-    return JobSpec(run_id, callback_url, match_sql, sources, output_path, primary_keys)
+    expect = _parse_expect(data)
+    explain = data.get("explain", False)
+    if explain is None:
+        explain = False
+    if not isinstance(explain, bool):
+        raise InvalidInput("explain", f"must be true or false, got {_json_type(explain)}")
+    return JobSpec(run_id, callback_url, match_sql, sources, output_path, primary_keys,
+                   rules=rules, expect=expect, explain=explain)
+
+
+def _parse_matching(data: Mapping) -> tuple[str, tuple]:
+    """(match_sql, rules): a job gives exactly one of match_sql and rules."""
+    if data.get("rules") is None:
+        match_sql = _non_empty_str(data, "match_sql")
+        if len(match_sql) > MAX_SQL_CHARS:
+            raise InvalidInput("match_sql", f"is longer than {MAX_SQL_CHARS} characters")
+        return match_sql, ()
+    if data.get("match_sql") is not None:
+        raise InvalidInput("rules", "give either match_sql or rules, not both")
+    from .rules import parse_rules     # rules.py builds on this module's helpers
+    rules = parse_rules(data["rules"])
+    return rules[0].match_sql, rules
+
+
+def _parse_expect(data: Mapping) -> dict | None:
+    if data.get("expect") is None:
+        return None
+    from .expectations import parse_expect   # builds on this module's helpers
+    return parse_expect(data["expect"])
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -327,8 +408,10 @@ def is_recipe(data: Any) -> bool:
 def recipe_to_job(recipe: Any, bindings: Mapping[str, str], output_path: str | None,
                   **kwargs) -> JobSpec:
     """Turn a Recipe (reference: Recipe/RecipeSource) plus file bindings into a JobSpec."""
-    for name in ("recipe_id", "name", "description", "match_sql", "match_description"):
+    for name in ("recipe_id", "name", "description", "match_description"):
         _require(recipe, name, str)
+    if recipe.get("rules") is None:      # a recipe, like a job, has match_sql or rules
+        _require(recipe, "match_sql", str)
     srcs = _require(recipe, "sources", dict)
     sources, keys = [], {}
     for side in ("left", "right"):
@@ -357,9 +440,10 @@ def recipe_to_job(recipe: Any, bindings: Mapping[str, str], output_path: str | N
     if unknown:
         raise InvalidInput("--source", f"binds {', '.join(sorted(unknown))}, which the recipe does not name")
     job = {"run_id": recipe.get("run_id"), "callback_url": recipe.get("callback_url"),
-           "match_sql": recipe["match_sql"], "sources": sources,
+           "match_sql": recipe.get("match_sql"), "sources": sources,
            "output_path": output_path or recipe.get("output_path") or f"./kalla-output/{recipe['recipe_id']}",
-           "primary_keys": keys}
+           "primary_keys": keys, "rules": recipe.get("rules"), "expect": recipe.get("expect"),
+           "explain": recipe.get("explain")}
     return parse_job(job, batch=True, **kwargs)
 
 

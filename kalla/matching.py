@@ -1,14 +1,20 @@
-"""The matching stage: one fresh DataFusion context, match_sql streamed to matched.parquet."""
+"""The matching stage: one fresh DataFusion context, match_sql streamed to matched.parquet.
+
+A job with ``rules`` runs them as ordered passes (kalla/passes.py) in the same context.
+"""
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet
 from .errors import KallaError, MatchError
+from .functions import register_functions
 
 # Share of the job's memory budget given to DataFusion's pool; the rest covers Arrow
 # buffers outside the pool, the Parquet writer and the Polars anti-joins.
@@ -28,49 +34,80 @@ def choose_join(staged: dict[str, list[str]], pool_bytes: int, strategy: str = "
 
 
 def run_match(job) -> None:
+    ctx = match_context(job)
+    if job.spec.rules:
+        from .passes import run_rules     # passes.py builds on this module
+        run_rules(job, ctx)
+        return
+    df = plan_match(ctx, job.spec.match_sql)
+    # The size of the match is unknown until it ends; matched rows against the smaller
+    # source is the estimate reported (capped below 1.0 until the stream is done).
+    expected = max(1, min(job.source_rows.values(), default=1))
+    with execution_errors("match_sql"), \
+            pq.ParquetWriter(job.outputs.partial("matched"), output_schema(df), compression="snappy") as out:
+        job.matched_count = stream_batches(
+            job, df, out.write_batch,
+            lambda rows: {"stage": "matching", "progress": round(min(0.99, rows / expected), 4),
+                          "matched_count": rows})
+    job.report({"stage": "matching", "progress": 1.0, "matched_count": job.matched_count})
+
+
+def match_context(job):
+    """A fresh context for this job: memory pool, join strategy, functions, staged sources."""
     pool = int(job.memory_bytes * POOL_SHARE)
     hash_join = choose_join(job.staged, pool, job.settings.join_strategy)
     job.join_strategy = "hash" if hash_join else "sort-merge (spilling)"
     ctx = make_context(memory_bytes=pool, spill_dir=os.path.join(job.scratch, "spill"),
                        hash_join=hash_join, batch_rows=8192)
+    register_functions(ctx)
     for alias, files in job.staged.items():
         register_parquet(ctx, alias, files[0])
-    df = plan_match(ctx, job.spec.match_sql)
-    job.matched_count = _stream_to_parquet(job, df, job.outputs.partial("matched"))
+    return ctx
 
 
-def _stream_to_parquet(job, df, path: str) -> int:
+def output_schema(df) -> pa.Schema:
+    """The schema of a planned match as written: without the barrier column."""
     schema = df.schema()
-    schema = schema.remove(schema.get_field_index(BARRIER_COLUMN))
-    # The size of the match is unknown until it ends; matched rows against the smaller
-    # source is the estimate reported (capped below 1.0 until the stream is done).
-    expected = max(1, min(job.source_rows.values(), default=1))
+    return schema.remove(schema.get_field_index(BARRIER_COLUMN))
+
+
+def stream_batches(job, df, write: Callable[[pa.RecordBatch], None],
+                   progress_event: Callable[[int], dict]) -> int:
+    """Run a planned match batch by batch into ``write`` (barrier dropped); return its rows.
+
+    ``progress_event(rows)`` makes the throttled progress events; the caller reports the
+    final one. Callers wrap this in execution_errors.
+    """
+    schema = output_schema(df)
     rows, last = 0, time.monotonic()
+    for batch in df.execute_stream():
+        job.check_cancelled()
+        rb = batch.to_pyarrow()
+        rb = rb.drop_columns([BARRIER_COLUMN])
+        if rb.num_rows:
+            if rb.schema != schema:
+                rb = pa.RecordBatch.from_arrays(rb.columns, schema=schema)
+            write(rb)
+            rows += rb.num_rows
+        if time.monotonic() - last >= job.settings.progress_interval:
+            last = time.monotonic()
+            job.report(progress_event(rows))
+    return rows
+
+
+@contextmanager
+def execution_errors(what: str):
+    """DataFusion execution errors (resources, casts, bad data) and write errors as MatchError."""
     try:
-        with pq.ParquetWriter(path, schema, compression="snappy") as writer:
-            for batch in df.execute_stream():
-                job.check_cancelled()
-                rb = batch.to_pyarrow()
-                rb = rb.drop_columns([BARRIER_COLUMN])
-                if rb.num_rows:
-                    if rb.schema != schema:
-                        rb = pa.RecordBatch.from_arrays(rb.columns, schema=schema)
-                    writer.write_batch(rb)
-                    rows += rb.num_rows
-                if time.monotonic() - last >= job.settings.progress_interval:
-                    last = time.monotonic()
-                    job.report({"stage": "matching", "progress": round(min(0.99, rows / expected), 4),
-                                "matched_count": rows})
+        yield
     except KallaError:
         raise
-    except Exception as exc:  # DataFusion execution errors (resources, casts, bad data)
+    except Exception as exc:
         text = _first_line(exc)
         if "Resources exhausted" in text:
             text += (" (the job needs more memory than KALLA_WORKER_MEMORY allows: raise it, or "
                      "set KALLA_JOIN_STRATEGY=sort-merge so joins spill to disk)")
-        raise MatchError(f"match_sql failed while running: {text}") from None
-    job.report({"stage": "matching", "progress": 1.0, "matched_count": rows})
-    return rows
+        raise MatchError(f"{what} failed while running: {text}") from None
 
 
 def _first_line(exc: Exception) -> str:

@@ -21,7 +21,9 @@ import orjson
 
 from . import __version__
 from .errors import JobCancelled, KallaError
+from .expectations import Facts, evaluate
 from .jobs import JobSpec, scrub, secrets_of
+from .rules import RuleSpec
 from .outputs import SUMMARY, Outputs
 from .staging import check_job, stage_sources
 from .matching import run_match
@@ -54,6 +56,9 @@ class Job:
         self.join_strategy = ""
         self.matched_count = 0
         self.unmatched: dict[str, object] = {}
+        self.rule_counts: dict[str, int] = {}    # rules jobs: matched rows per rule
+        self.ambiguous: dict[str, int] = {}      # one_to_one rules: pairs held back
+        self.explained: dict = {}                # explain: reasons per side
 
     def report(self, event: dict) -> None:
         with self._report_lock:
@@ -75,6 +80,10 @@ def derive(job: Job) -> None:
     with ThreadPoolExecutor(2) as pool:
         futures = {side: pool.submit(one, side, alias) for side, alias in (("left", left), ("right", right))}
         job.unmatched = {side: f.result() for side, f in futures.items()}
+    if job.spec.explain:
+        from .explain import explain_unmatched
+        rules = job.spec.rules or (RuleSpec("match_sql", job.spec.match_sql),)
+        job.explained = explain_unmatched(job, rules)
 
 
 def publish(job: Job) -> None:
@@ -112,7 +121,37 @@ def summarize(job: Job) -> dict:
         "stage_seconds": {k: round(v, 4) for k, v in job.timings.items()},
         "started_at": job.started_at.isoformat(),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        **outcome(job, with_all_checks=True),
     }
+
+
+def outcome(job: Job, with_all_checks: bool = False) -> dict:
+    """Rule counts and the expect verdict; empty for a plain match_sql job without expect,
+    whose results stay exactly what the reference describes."""
+    out: dict = {}
+    if job.spec.rules:
+        out["rule_counts"] = dict(job.rule_counts)
+        out["ambiguous"] = dict(job.ambiguous)
+    if job.spec.expect is not None:
+        checks = evaluate(job.spec.expect, facts(job))
+        out["passed"] = all(check["passed"] for check in checks)
+        out["failed_checks"] = [check for check in checks if not check["passed"]]
+        if with_all_checks:
+            out["checks"] = checks
+    if job.spec.explain:
+        out["break_reasons"] = {side: found["reasons"] for side, found in job.explained.items()}
+        if with_all_checks:
+            out["unexplained_rules"] = {rule: why for found in job.explained.values()
+                                        for rule, why in found["unexplained_rules"].items()}
+    return out
+
+
+def facts(job: Job) -> Facts:
+    left, right = job.spec.left.alias, job.spec.right.alias
+    return Facts(left_rows=job.source_rows[left], right_rows=job.source_rows[right],
+                 matched=job.matched_count, unmatched_left=job.unmatched["left"].rows,
+                 unmatched_right=job.unmatched["right"].rows,
+                 ambiguous=sum(job.ambiguous.values()))
 
 
 def completion_body(job: Job) -> dict:
@@ -126,6 +165,7 @@ def completion_body(job: Job) -> dict:
         "summary_path": job.outputs.final(SUMMARY),
         "source_rows": dict(job.source_rows),
         "stage_seconds": {k: round(v, 4) for k, v in job.timings.items()},
+        **outcome(job),
     }
 
 

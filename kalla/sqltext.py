@@ -112,13 +112,71 @@ def tolerance_match(args: list[str]) -> str:
     """
     _arity("tolerance_match", args, 3)
     a, b, t = (f"({x})" for x in args)
-    is_float = f"(arrow_typeof({a}) IN {FLOAT_TYPES} OR arrow_typeof({b}) IN {FLOAT_TYPES})"
-    slack = (f"1e-9 * greatest(1.0, abs(CAST({a} AS DOUBLE)), abs(CAST({b} AS DOUBLE)))"
-             f" * CAST({is_float} AS DOUBLE)")
+    slack = f"{_slack(a, b)} * CAST({_is_float(a, b)} AS DOUBLE)"
     return f"(abs({a} - {b}) <= {t} + {slack})"
 
 
-FUNCTIONS: dict[str, Callable[[list[str]], str]] = {"tolerance_match": tolerance_match}
+def _is_float(a: str, b: str) -> str:
+    return f"(arrow_typeof({a}) IN {FLOAT_TYPES} OR arrow_typeof({b}) IN {FLOAT_TYPES})"
+
+
+def _slack(a: str, b: str) -> str:
+    """Absorbs binary rounding of float inputs; never admits a real difference."""
+    return f"1e-9 * greatest(1.0, abs(CAST({a} AS DOUBLE)), abs(CAST({b} AS DOUBLE)))"
+
+
+def tolerance_pct(args: list[str]) -> str:
+    """``tolerance_pct(a, b, pct)``: ``abs(a - b) <= pct * max(|a|, |b|)``, exact for decimals.
+
+    pct is cast to DECIMAL(20, 10), so on decimal and integer inputs both sides are decimals
+    and compare exactly (``0.29 * 100.00`` is 29, not the float 28.999999999999996). On
+    float inputs the second branch adds the same relative slack as tolerance_match.
+    """
+    _arity("tolerance_pct", args, 3)
+    a, b, p = (f"({x})" for x in args)
+    bound = f"CAST({p} AS DECIMAL(20, 10)) * greatest(abs({a}), abs({b}))"
+    exact = f"abs({a} - {b}) <= {bound}"
+    inexact = (f"({_is_float(a, b)} AND abs(CAST({a} AS DOUBLE) - CAST({b} AS DOUBLE)) <= "
+               f"CAST({p} AS DOUBLE) * greatest(abs(CAST({a} AS DOUBLE)), abs(CAST({b} AS DOUBLE)))"
+               f" + {_slack(a, b)})")
+    return f"(({exact}) OR {inexact})"
+
+
+# Microseconds since the epoch as an integer: exact for dates and timestamps of any unit
+# (nanoseconds truncate to microseconds), and, unlike nanoseconds, no overflow for the
+# 9999-12-31 "open end" dates common in ledgers. Time zones compare as instants (UTC).
+_MICROS = "CAST(arrow_cast({}, 'Timestamp(Microsecond, None)') AS BIGINT)"
+MICROS_PER_DAY = 86_400_000_000
+
+
+def date_within(args: list[str]) -> str:
+    """``date_within(d1, d2, days)``: dates or timestamps at most ``days`` days apart."""
+    _arity("date_within", args, 3)
+    d1, d2, days = (f"({x})" for x in args)
+    return (f"(abs({_MICROS.format(d1)} - {_MICROS.format(d2)}) <= "
+            f"{days} * {MICROS_PER_DAY})")
+
+
+# Unicode letters and decimal digits survive; Rust's regex (DataFusion's) knows \p{..}.
+_NOT_ALNUM = r"[^\p{L}\p{Nd}]"
+
+
+def normalize_ref(args: list[str]) -> str:
+    """``normalize_ref(x)``: upper case, only letters and digits (``inv-00123 `` -> ``INV00123``)."""
+    _arity("normalize_ref", args, 1)
+    return f"regexp_replace(upper(CAST(({args[0]}) AS VARCHAR)), '{_NOT_ALNUM}', '', 'g')"
+
+
+def jaro_winkler(args: list[str]) -> str:
+    """``jaro_winkler(a, b)``: the vectorised function in kalla.functions, on text arguments."""
+    _arity("jaro_winkler", args, 2)
+    a, b = args
+    return f"jaro_winkler(CAST(({a}) AS VARCHAR), CAST(({b}) AS VARCHAR))"
+
+
+FUNCTIONS: dict[str, Callable[[list[str]], str]] = {
+    "tolerance_match": tolerance_match, "tolerance_pct": tolerance_pct,
+    "date_within": date_within, "normalize_ref": normalize_ref, "jaro_winkler": jaro_winkler}
 
 
 def rewrite_functions(sql: str) -> str:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from .connectors import connector_for
 from .connectors.local import ParquetConnector, RestartRead
 from .engine import make_context, plan_match
-from .errors import InvalidInput, SourceError
+from .errors import InvalidInput, MatchError, SourceError
 from .filters import bind_filters
 from .keys import resolve_key_columns
 
@@ -35,9 +35,15 @@ def check_job(job) -> None:
         _check_key_columns(source, schema, job.spec.primary_keys.get(source.alias, ()))
         job.bound_filters[source.alias] = bind_filters(source.alias, schema, source.filters)
         ctx.register_record_batches(source.alias.lower(), [[pa.RecordBatch.from_pylist([], schema)]])
-    names = plan_match(ctx, job.spec.match_sql).schema().names[:-1]   # minus the barrier
     sides = [job.spec.left.alias, job.spec.right.alias]
-    job.key_columns = resolve_key_columns(names, sides, job.spec.primary_keys)
+    rules = [(f"rules[{i}] ({rule.name!r}): ", rule.match_sql) for i, rule in enumerate(job.spec.rules)]
+    for prefix, sql in rules or [("", job.spec.match_sql)]:
+        try:
+            names = plan_match(ctx, sql).schema().names[:-1]   # minus the barrier
+            keys = resolve_key_columns(names, sides, job.spec.primary_keys)
+        except MatchError as exc:
+            raise MatchError(prefix + str(exc)) from None
+        job.key_columns = job.key_columns or keys          # the first rule names the keys
 
 
 def _check_expected_columns(source, schema: pa.Schema) -> None:

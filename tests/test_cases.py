@@ -40,6 +40,24 @@ def check_outputs(result: dict, expected: dict, job: dict) -> None:
         assert summary["source_rows"][alias] == n
     for alias, n in expected.get("null_key_rows", {}).items():
         assert summary["null_key_rows"][alias] == n
+    check_rules_and_expectations(result, summary, expected, job)
+
+
+NEW_FIELDS = ("rule_counts", "ambiguous", "passed", "failed_checks")
+
+
+def check_rules_and_expectations(result: dict, summary: dict, expected: dict, job: dict) -> None:
+    """Rules and expect add fields; a job without them has exactly the fields it had."""
+    matched_names = pq.read_schema(result["output_paths"]["matched"]).names
+    assert ("match_rule" in matched_names) == ("rules" in job)
+    if "rules" not in job and "expect" not in job:
+        assert not set(NEW_FIELDS) & (set(result) | set(summary))
+    for name in ("rule_counts", "ambiguous", "passed"):
+        if name in expected:
+            assert result[name] == summary[name] == expected[name]
+    if "failed_checks" in expected:
+        for body in (result, summary):
+            assert [c["check"] for c in body["failed_checks"]] == expected["failed_checks"]
 
 
 @pytest.mark.parametrize("name,variant", VARIANTS)

@@ -1,0 +1,247 @@
+"""Multi-pass matching: ordered rules, each seeing only the records earlier rules left.
+
+Every rule is planned first (a broken rule fails the job before any rule runs). Then,
+rule by rule:
+
+1. the rule's SQL runs (read-only, like match_sql); its pairs stream straight into
+   matched.parquet, and the keys of the records they use into small per-side key files;
+2. a ``one_to_one`` rule first lands in a scratch file: every pair whose left or right
+   record is in more than one of its pairs is held back (those records stay available);
+3. each side's alias becomes a view: the records so far, anti-joined on the primary key
+   with this pass's key file. Nothing is copied; DataFusion streams (and, with the
+   sort-merge strategy, spills) the anti-join as part of the next rule's plan.
+
+matched.parquet is the union of the passes by column name (a column a pass lacks is null)
+plus ``match_rule``. Each source's key columns get the name the first rule gave them, so
+the unmatched stage finds every pass's keys under one name.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .engine import plan_match
+from .errors import MatchError
+from .keys import resolve_key_columns
+from .matching import execution_errors, output_schema, stream_batches
+from .rules import MATCH_RULE_COLUMN, RuleSpec
+from .unmatched import ROW
+
+
+@dataclass
+class Pass:
+    rule: RuleSpec
+    index: int
+    schema: pa.Schema                    # the rule's output, barrier dropped
+    keys: dict[str, list[str]]           # alias -> the output columns holding its key
+    renames: dict[str, str] = field(default_factory=dict)   # output -> matched.parquet name
+    rows: int = 0
+    ambiguous: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"rules[{self.index}] ({self.rule.name!r})"
+
+
+def run_rules(job, ctx) -> None:
+    sides = [job.spec.left.alias, job.spec.right.alias]
+    passes = [plan_pass(job, ctx, rule, i, sides) for i, rule in enumerate(job.spec.rules)]
+    job.key_columns = canonical_keys(passes, sides)
+    schema = union_schema(passes)
+    with execution_errors("rules"), \
+            pq.ParquetWriter(job.outputs.partial("matched"), schema, compression="snappy") as union:
+        for p in passes:
+            job.check_cancelled()
+            later = p is not passes[-1]
+            sink = PassSink(job, p, union, schema, sides if later else [])
+            run_pass(job, ctx, p, sink, len(passes))
+            if later and p.rows:     # nothing matched: the next rule sees the same records
+                narrow(ctx, job, p, sink.key_paths)
+    job.matched_count = sum(p.rows for p in passes)
+    job.report({"stage": "matching", "progress": 1.0, "matched_count": job.matched_count})
+
+
+def plan_pass(job, ctx, rule: RuleSpec, index: int, sides: list[str]) -> Pass:
+    """Plan one rule (on the full sources: the remaining ones have the same schema)."""
+    label = f"rules[{index}] ({rule.name!r})"
+    try:
+        schema = output_schema(plan_match(ctx, rule.match_sql))
+        keys = resolve_key_columns(schema.names, sides, job.spec.primary_keys)
+    except MatchError as exc:
+        raise MatchError(f"{label}: {exc}") from None
+    if MATCH_RULE_COLUMN in schema.names:
+        raise MatchError(f"{label}: returns a column named {MATCH_RULE_COLUMN!r}, which Kalla adds "
+                         "to matched.parquet to name each row's rule; rename it")
+    return Pass(rule, index, schema, keys)
+
+
+def canonical_keys(passes: list[Pass], sides: list[str]) -> dict[str, list[str]]:
+    """The first rule's key column names; later passes are renamed to them."""
+    canonical = passes[0].keys
+    for p in passes[1:]:
+        for alias in sides:
+            for own, name in zip(p.keys[alias], canonical[alias]):
+                if own != name:
+                    p.renames[own] = name
+        clash = [n for n in p.renames.values() if n in p.schema.names and n not in p.renames]
+        if clash:
+            raise MatchError(f"{p.label}: returns a column {clash[0]!r} that is not the key it names "
+                             f"in rule {passes[0].rule.name!r}; matched.parquet keeps each key "
+                             "under one name, so rename that column or name the keys alike")
+    return canonical
+
+
+def union_schema(passes: list[Pass]) -> pa.Schema:
+    """Columns of every pass by name, in order of first appearance, all nullable."""
+    types: dict[str, pa.DataType] = {}
+    owner: dict[str, Pass] = {}
+    for p in passes:
+        for f in p.schema:
+            name = p.renames.get(f.name, f.name)
+            if name not in types:
+                types[name], owner[name] = f.type, p
+            elif types[name] != f.type:
+                types[name] = _common_type(name, types[name], owner[name], f.type, p)
+    fields = [pa.field(n, t, nullable=True) for n, t in types.items()]
+    return pa.schema(fields + [pa.field(MATCH_RULE_COLUMN, pa.string(), nullable=False)])
+
+
+def _common_type(name: str, first: pa.DataType, first_pass: Pass, other: pa.DataType,
+                 other_pass: Pass) -> pa.DataType:
+    try:
+        unified = pa.unify_schemas([pa.schema([pa.field(name, first)]), pa.schema([pa.field(name, other)])],
+                                   promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, NotImplementedError):
+        raise MatchError(f"column {name!r} is {first} in {first_pass.label} but {other} in "
+                         f"{other_pass.label}; cast one so the passes can share matched.parquet") from None
+    return unified.field(name).type
+
+
+class PassSink:
+    """Where a pass's pairs go: conformed into matched.parquet, and (when a later rule
+    needs them) each side's key columns, under the source's own names, into a key file."""
+
+    def __init__(self, job, p: Pass, union: pq.ParquetWriter, schema: pa.Schema, sides: list[str]):
+        self.p, self.union, self.schema = p, union, schema
+        self.rows = 0
+        self.key_paths = {alias: os.path.join(job.scratch, f"keys-{alias}-{p.index}.parquet")
+                          for alias in sides}
+        self.key_columns = {alias: (p.keys[alias], job.spec.primary_keys[alias]) for alias in sides}
+        # scratch files, read back by the later rules' views: not worth compressing
+        self.key_writers = {
+            alias: pq.ParquetWriter(path, pa.schema([pa.field(name, p.schema.field(col).type)
+                                                     for col, name in zip(*self.key_columns[alias])]),
+                                    compression="none")
+            for alias, path in self.key_paths.items()}
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.rows += batch.num_rows
+        self.union.write_batch(_conform(batch, self.p, self.schema))
+        for alias, writer in self.key_writers.items():
+            columns, names = self.key_columns[alias]
+            writer.write_batch(pa.RecordBatch.from_arrays([batch.column(c) for c in columns], names=list(names)))
+
+    def close(self) -> None:
+        for writer in self.key_writers.values():
+            writer.close()
+
+
+def run_pass(job, ctx, p: Pass, sink: PassSink, count: int) -> None:
+    done_before = sum(job.rule_counts.values())
+    expected = max(1, min(job.source_rows.values(), default=1) - done_before)
+
+    def event(rows: int) -> dict:
+        fraction = (p.index + min(0.99, rows / expected)) / count
+        return {"stage": "matching", "rule": p.rule.name, "progress": round(min(0.99, fraction), 4),
+                "matched_count": done_before + sink.rows}
+
+    with execution_errors(f"rule {p.rule.name!r}"):
+        try:
+            if p.rule.one_to_one:
+                run_one_to_one(job, ctx, p, sink, event)
+            else:
+                stream_batches(job, plan_match(ctx, p.rule.match_sql), sink.write, event)
+        finally:
+            sink.close()
+    p.rows = job.rule_counts[p.rule.name] = sink.rows
+    job.report({**event(0), "progress": round(min(0.99, (p.index + 1) / count), 4)})
+
+
+def run_one_to_one(job, ctx, p: Pass, sink: PassSink, event) -> None:
+    """Land the rule's pairs in scratch, then pass on only the unambiguous ones.
+
+    The scratch file is uncompressed: it is read back once, moments later.
+    """
+    df = plan_match(ctx, p.rule.match_sql)
+    raw = os.path.join(job.scratch, f"pass-{p.index}.parquet")
+    with pq.ParquetWriter(raw, output_schema(df), compression="none") as writer:
+        found = stream_batches(job, df, writer.write_batch, event)
+    copy_rows(raw, unambiguous_rows(raw, p.keys), sink.write)
+    p.ambiguous = job.ambiguous[p.rule.name] = found - sink.rows
+    os.remove(raw)
+
+
+def unambiguous_rows(path: str, keys: dict[str, list[str]]) -> np.ndarray:
+    """Row numbers of the pairs whose left and right records each appear in no other pair.
+
+    Decided by key counts alone, so the result never depends on row order. Only the key
+    columns go through Polars' streaming engine: memory holds keys, never the pairs. A key
+    with a NULL identifies no record, so it never makes a pair ambiguous.
+    """
+    columns = list(dict.fromkeys(c for cols in keys.values() for c in cols))
+    pairs = pl.scan_parquet(path).select(columns).with_row_index(ROW)
+    kept = pairs
+    for cols in keys.values():
+        repeated = (pairs.group_by(cols).agg(pl.len().alias("__kalla_n"))
+                    .filter(pl.col("__kalla_n") > 1).drop("__kalla_n").drop_nulls())
+        kept = kept.join(repeated, on=cols, how="anti", nulls_equal=False, maintain_order="left")
+    rows = kept.select(ROW).collect(engine="streaming")[ROW].to_numpy().astype(np.int64)
+    return rows if bool(np.all(rows[:-1] <= rows[1:])) else np.sort(rows)
+
+
+def copy_rows(path: str, rows: np.ndarray, write) -> None:
+    """Pass the given (sorted) row numbers of a Parquet file to write, row group by row group."""
+    parquet, offset = pq.ParquetFile(path), 0
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        lo, hi = np.searchsorted(rows, [offset, offset + size])
+        if hi > lo:
+            table = parquet.read_row_group(group).take(pa.array(rows[lo:hi] - offset))
+            for batch in table.to_batches():
+                write(batch)
+        offset += size
+
+
+def narrow(ctx, job, p: Pass, key_paths: dict[str, str]) -> None:
+    """Make each side's alias the records it named before, minus this pass's keys."""
+    for alias, path in key_paths.items():
+        name, keys = alias.lower(), f"__kalla_keys_{alias.lower()}_{p.index}"
+        ctx.register_parquet(keys, path)
+        on = " AND ".join(f"s.{_quote(k)} = k.{_quote(k)}" for k in job.spec.primary_keys[alias])
+        # An anti-join never pairs NULL keys, so records with a NULL key stay (unmatched).
+        remaining = ctx.sql(f"SELECT s.* FROM {_quote(name)} s LEFT ANTI JOIN {_quote(keys)} k ON {on}")
+        ctx.deregister_table(name)
+        ctx.register_view(name, remaining)
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _conform(batch: pa.RecordBatch, p: Pass, schema: pa.Schema) -> pa.RecordBatch:
+    own = {p.renames.get(name, name): batch.column(i) for i, name in enumerate(batch.schema.names)}
+    arrays = []
+    for f in schema:
+        if f.name == MATCH_RULE_COLUMN:
+            arrays.append(pa.repeat(pa.scalar(p.rule.name, pa.string()), batch.num_rows))
+        elif f.name in own:
+            column = own[f.name]
+            arrays.append(column if column.type == f.type else column.cast(f.type))
+        else:
+            arrays.append(pa.nulls(batch.num_rows, f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
