@@ -21,8 +21,10 @@ against). Everything runs as DataFusion SQL over the staged files: nothing is co
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .decompose import NotDecomposable, Rule, decompose
@@ -97,13 +99,11 @@ def explain_side(staged: dict, sources: tuple, primary_keys: dict, rules: Sequen
         except NotDecomposable as exc:
             why[rule.name] = str(exc)
     sql = _final_sql(decomposed, side, keys, other_keys, why, rules)
-    table = ctx.sql_with_options(sql, read_only_options())
-    _stream(table, out_path)
-    counts = {r: 0 for r in REASONS}
-    for row in ctx.sql_with_options(
-            f"SELECT _kalla_reason AS r, count(*) AS n FROM ({sql}) GROUP BY 1", read_only_options()).to_pylist():
-        counts[row["r"]] = row["n"]
-    return {"reasons": {k: v for k, v in counts.items() if v}, "unexplained_rules": why}
+    _stream(ctx.sql_with_options(sql, read_only_options()), out_path)
+    # count from the file just written rather than running the query a second time
+    reasons = pq.read_table(out_path, columns=["_kalla_reason"]).column(0)
+    counts = {row["values"]: row["counts"] for row in pc.value_counts(reasons).to_pylist()}
+    return {"reasons": {r: counts[r] for r in REASONS if counts.get(r)}, "unexplained_rules": why}
 
 
 def _final_sql(decomposed, side, keys, other_keys, why, rules) -> str:
@@ -117,9 +117,13 @@ def _final_sql(decomposed, side, keys, other_keys, why, rules) -> str:
     # The last rule that could have taken the record: later rules win when they have a candidate.
     parts = [f"SELECT *, {i} AS __order FROM ({_candidate_sql(rule, side, spec.name, keys, other_keys, spec.one_to_one)})"
              for i, (spec, rule) in enumerate(decomposed)]
-    union = " UNION ALL ".join(parts)
-    part = ", ".join(f"__k{i}" for i in range(len(keys)))
-    best = f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY {part} ORDER BY __order DESC) AS __pick FROM ({union})) WHERE __pick = 1"
+    if len(parts) == 1:
+        best = parts[0]
+    else:
+        union = " UNION ALL ".join(parts)
+        part = ", ".join(f"__k{i}" for i in range(len(keys)))
+        best = (f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY {part} ORDER BY __order DESC)"
+                f" AS __pick FROM ({union})) WHERE __pick = 1")
     on = " AND ".join(f"u.{_ident(k)} = b.__k{i}" for i, k in enumerate(keys))
     last = decomposed[-1][0].name
     return f"""
@@ -144,14 +148,18 @@ def _stream(df, out_path: str) -> None:
 
 def explain_unmatched(job, rules: Sequence) -> dict:
     """Rewrite both unmatched files with explanation columns; return break reasons per side."""
-    out = {}
-    for side, name in ((0, "unmatched_left"), (1, "unmatched_right")):
+    def one(side: int, name: str) -> dict:
         path = job.outputs.partial(name)
         explained = path + ".explained"
         result = explain_side(job.staged, (job.spec.left.alias, job.spec.right.alias),
                               job.spec.primary_keys, rules, side, path, explained,
                               spill_dir=os.path.join(job.scratch, "spill"),
-                              memory_bytes=int(job.memory_bytes * 0.6))
+                              memory_bytes=int(job.memory_bytes * 0.3))   # two sides at once
         os.replace(explained, path)
-        out[("left", "right")[side]] = result
-    return out
+        return result
+
+    # both sides at once: DataFusion runs outside the GIL
+    with ThreadPoolExecutor(2) as pool:
+        left = pool.submit(one, 0, "unmatched_left")
+        right = pool.submit(one, 1, "unmatched_right")
+        return {"left": left.result(), "right": right.result()}
