@@ -187,6 +187,20 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_int),
     Setting("KALLA_PROGRESS_INTERVAL", "0.5",
             "minimum seconds between two progress callbacks of one stage", _non_negative_float),
+    Setting("KALLA_ENGINE", "local",
+            "where the match runs: local (in-process DataFusion) or ballista (an Apache Ballista "
+            "cluster; docs/ballista.md)", _choice("local", "ballista")),
+    Setting("KALLA_BALLISTA_URL", "",
+            "the Ballista scheduler, df://HOST:PORT (KALLA_ENGINE=ballista)", _optional_str),
+    Setting("KALLA_SHARED_DIR", "",
+            "a directory every Ballista executor sees at the same path: staged Parquet and each "
+            "job's cluster output (KALLA_ENGINE=ballista)", _optional_path),
+    Setting("KALLA_BALLISTA_PYTHON", "",
+            "command of a Python that has ballista==54.1.0, e.g. /opt/kalla-ballista/bin/python "
+            "(KALLA_ENGINE=ballista; kalla ballista-scheduler and ballista-executor)", _optional_str),
+    Setting("KALLA_BALLISTA_START_TIMEOUT", "60",
+            "seconds the Ballista cluster may take to run a job's first query before Kalla "
+            "decides no executor is registered", _non_negative_float),
     Setting("KALLA_LOG_LEVEL", "INFO", "log level: DEBUG, INFO, WARNING or ERROR",
             _choice("DEBUG", "INFO", "WARNING", "ERROR")),
 )

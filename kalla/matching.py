@@ -12,6 +12,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .engines import engine_name
 from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet
 from .errors import KallaError, MatchError
 from .functions import register_functions
@@ -34,6 +35,9 @@ def choose_join(staged: dict[str, list[str]], pool_bytes: int, strategy: str = "
 
 
 def run_match(job) -> None:
+    if engine_name(job.settings) == "ballista":
+        from .engines.ballista import run_match as run_on_ballista
+        return run_on_ballista(job)
     ctx = match_context(job)
     if job.spec.rules:
         from .passes import run_rules     # passes.py builds on this module

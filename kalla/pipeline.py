@@ -20,6 +20,7 @@ from typing import Callable
 import orjson
 
 from . import __version__
+from .engines import check_engine
 from .errors import JobCancelled, KallaError
 from .expectations import Facts, evaluate
 from .jobs import JobSpec, scrub, secrets_of
@@ -70,6 +71,8 @@ class Job:
 
 
 def derive(job: Job) -> None:
+    if job.unmatched:        # the engine derived them on the cluster (kalla/engines)
+        return
     left, right = job.spec.left.alias, job.spec.right.alias
     matched = job.outputs.partial("matched")
 
@@ -94,6 +97,7 @@ def publish(job: Job) -> None:
 
 
 def staging(job: Job) -> None:
+    check_engine(job)    # what the engine cannot run, or a scheduler that does not answer
     check_job(job)       # cheap: schemas, filters, keys - fail before any heavy work
     job.outputs.prepare()
     stage_sources(job)
