@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from .engines import engine_name
 from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet
 from .errors import KallaError, MatchError
+from .outputs import BackgroundWriter
 from .functions import register_functions
 
 # Share of the job's memory budget given to DataFusion's pool; the rest covers Arrow
@@ -48,7 +49,7 @@ def run_match(job) -> None:
     # source is the estimate reported (capped below 1.0 until the stream is done).
     expected = max(1, min(job.source_rows.values(), default=1))
     with execution_errors("match_sql"), \
-            pq.ParquetWriter(job.outputs.partial("matched"), output_schema(df), compression="snappy") as out:
+            BackgroundWriter(job.outputs.partial("matched"), output_schema(df)) as out:
         job.matched_count = stream_batches(
             job, df, out.write_batch,
             lambda rows: {"stage": "matching", "progress": round(min(0.99, rows / expected), 4),

@@ -89,3 +89,64 @@ def _remove(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def writer_options(schema) -> dict:
+    """Parquet options for Kalla's outputs: snappy, and dictionary encoding only for text
+    and binary columns - on unique ids and amounts it is wasted work (~40 % of write time)."""
+    import pyarrow as pa
+    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+            or pa.types.is_binary(f.type) or pa.types.is_dictionary(f.type)]
+    return {"compression": "snappy", "use_dictionary": text or False}
+
+
+class BackgroundWriter:
+    """A Parquet writer fed through a small bounded queue from its own thread.
+
+    Encoding and compressing a batch (pyarrow releases the GIL) then overlaps producing the
+    next one; the queue bounds memory to a few batches. Errors surface on the next write or
+    at close; leaving the ``with`` block on an exception stops the thread and closes the file.
+    """
+
+    def __init__(self, path: str, schema, depth: int = 4):
+        import queue
+        import threading
+
+        import pyarrow.parquet as pq
+        self._writer = pq.ParquetWriter(path, schema, **writer_options(schema))
+        self._queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="parquet-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write_batch(batch)
+                except BaseException as exc:  # re-raised on the producer's thread
+                    self._error = exc
+
+    def write_batch(self, batch) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.close()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+            return
+        self._error = self._error or exc
+        self._queue.put(None)
+        self._thread.join()
+        self._writer.close()

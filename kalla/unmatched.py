@@ -9,15 +9,16 @@ A key containing NULL never matches (``nulls_equal=False``): such rows are unmat
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
-
-import logging
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .outputs import writer_options
 
 ROW = "__kalla_row"
 BATCH_ROWS = 65536
@@ -85,13 +86,6 @@ def _copy_group(parquet, group: int, mask: np.ndarray, schema, writer, batch_row
             writer.write_batch(picked)
             written += picked.num_rows
     return written
-
-
-def writer_options(schema: pa.Schema) -> dict:
-    """Dictionary-encode only text and binary columns: for unique numbers it is wasted work."""
-    text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-            or pa.types.is_binary(f.type) or pa.types.is_dictionary(f.type)]
-    return {"compression": "snappy", "use_dictionary": text or False}
 
 
 def _matched_keys(keys, matched_path, matched_columns, dtypes) -> pl.LazyFrame:
