@@ -9,6 +9,7 @@ raises a KallaError whose ``stage`` names where it happened.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import os
 import shutil
 import tempfile
@@ -28,7 +29,12 @@ from .rules import RuleSpec
 from .outputs import SUMMARY, Outputs
 from .staging import check_job, stage_sources
 from .matching import run_match
-from .unmatched import derive_unmatched
+
+# Polars and numpy take ~0.1 s to import and are first needed by the unmatched stage:
+# import them on a side thread while the sources are staged and matched (a CLI run pays
+# process start in its wall time; a worker has them ready for its first job).
+threading.Thread(target=importlib.import_module, args=(f"{__package__}.unmatched",),
+                 name="preload-unmatched", daemon=True).start()
 
 Report = Callable[[dict], None]
 
@@ -73,6 +79,7 @@ class Job:
 def derive(job: Job) -> None:
     if job.unmatched:        # the engine derived them on the cluster (kalla/engines)
         return
+    from .unmatched import derive_unmatched      # preloaded above
     left, right = job.spec.left.alias, job.spec.right.alias
     matched = job.outputs.partial("matched")
 
