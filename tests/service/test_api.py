@@ -8,25 +8,12 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
+from service.shared_fixtures import jobs, listener, server  # noqa: F401 (fixtures)
+
 pytestmark = pytest.mark.service
 
 REFERENCE_COMPLETE = {"run_id", "matched_count", "unmatched_left_count",
                       "unmatched_right_count", "output_paths"}
-
-
-@pytest.fixture
-def server(shared):
-    return shared[0]
-
-
-@pytest.fixture
-def listener(shared):
-    return shared[1]
-
-
-@pytest.fixture
-def jobs(shared):
-    return shared[2]
 
 
 def assert_plain_text(resp, status: int, *fragments: str):

@@ -7,22 +7,9 @@ import time
 
 import pytest
 
+from service.shared_fixtures import jobs, listener, server  # noqa: F401 (fixtures)
+
 pytestmark = pytest.mark.service
-
-
-@pytest.fixture
-def server(shared):
-    return shared[0]
-
-
-@pytest.fixture
-def listener(shared):
-    return shared[1]
-
-
-@pytest.fixture
-def jobs(shared):
-    return shared[2]
 
 
 def is_terminal(body: dict) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from service.shared_fixtures import jobs, listener, server  # noqa: F401 (fixtures)
+
 pytestmark = pytest.mark.service
 
 # tests/service/conftest.py's tiny data: l(id, amount = 1.5 id) and r(pid, ref, paid);
@@ -14,21 +16,6 @@ RULES = [
     {"name": "by_amount", "one_to_one": True,
      "match_sql": "SELECT l.id, r.pid FROM l JOIN r ON l.amount = r.paid"},
 ]
-
-
-@pytest.fixture
-def server(shared):
-    return shared[0]
-
-
-@pytest.fixture
-def listener(shared):
-    return shared[1]
-
-
-@pytest.fixture
-def jobs(shared):
-    return shared[2]
 
 
 def rules_job(jobs, **overrides) -> dict:
