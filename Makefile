@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pytest tests/test_hot_paths.py --benchmark-enable -p no:cacheprovider
 	$(PY) benchmarks/run.py
 
 bench-quick: $(STAMP)

@@ -1,0 +1,23 @@
+"""The benchmark script runs end to end on tiny data (no timing is asserted: it must not rot).
+
+benchmarks/run.py checks every tool's three counts against an independent numpy model and
+fails if one differs, so this also cross-checks Kalla against DuckDB and Polars."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from support import ROOT
+
+
+def test_benchmark_smoke(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KALLA_")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--smoke",
+                           "--data", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(os.path.join(ROOT, "benchmarks", "results", "smoke.json")))
+    tools = report["results"][0]["tools"]
+    assert set(tools) == {"kalla", "duckdb", "polars"}
+    assert set(tools["kalla"]["stages_median_s"]) >= {"staging", "matching", "unmatched"}
