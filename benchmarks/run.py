@@ -160,12 +160,14 @@ def main() -> None:
     os.makedirs(args.data, exist_ok=True)
     results = [bench_size(n, args.runs, args.data, None, tools) for n in sizes]
     if not args.smoke:
+        from variants import run_split
+        split = run_split(os.path.join(args.data, f"n{min(sizes)}"), args.runs)
         limited = {"kalla": "1GiB", "duckdb": "1GB"}
         results.append(bench_size(max(sizes), args.runs, args.data, limited,
                                   [t for t in tools if t != "polars"]))
     report = {"machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                           "python": platform.python_version(), "platform": platform.platform()},
-              "results": results}
+              "results": results, "split_payments": None if args.smoke else split}
     print_table(report)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "smoke.json" if args.smoke else "latest.json"), "w") as fh:
