@@ -36,6 +36,9 @@ def choose_join(staged: dict[str, list[str]], pool_bytes: int, strategy: str = "
 
 
 def run_match(job) -> None:
+    # "matching has started": the service learns the stage (a worker that dies from here on
+    # is reported in the right stage) and the caller sees progress move on from staging.
+    job.report({"stage": "matching", "progress": 0.0, "matched_count": 0})
     if engine_name(job.settings) == "ballista":
         from .engines.ballista import run_match as run_on_ballista
         return run_on_ballista(job)
