@@ -124,3 +124,26 @@ def test_not_decomposable(sql, why):
 def test_split_and_keeps_between_and_parentheses():
     assert split_and("a.x = b.x AND b.d BETWEEN a.d - 1 AND a.d + 1 AND (a.y = 1 OR b.y = 2)") == [
         "a.x = b.x", "b.d BETWEEN a.d - 1 AND a.d + 1", "a.y = 1 OR b.y = 2"]
+
+
+def test_multi_pass_names_the_last_rule_and_ambiguous_pairs(tmp_path, settings):
+    exact = ("SELECT i.invoice_id, p.payment_id FROM invoices i JOIN payments p "
+             "ON i.ref = p.ref AND i.amount = p.paid")
+    job = basic_job(tmp_path, explain=True,
+                    rules=[{"name": "exact", "match_sql": exact, "one_to_one": True},
+                           {"name": "tolerance", "match_sql": RULE, "one_to_one": True}])
+    del job["match_sql"]
+    # basic_job copied the shared data over ours: write this case's data again
+    (tmp_path / "invoices.csv").write_text("invoice_id,ref,amount\n1,R1,100.00\n2,R2,50.00\n4,R4,10.00\n")
+    (tmp_path / "payments.csv").write_text(
+        "payment_id,ref,paid\nP1,R1,100.00\nP2,R2,50.10\nP7,R4,10.00\nP8,R4,10.00\n")
+    result = run_job(parse_job(job, batch=True), settings)
+    assert result["rule_counts"] == {"exact": 1, "tolerance": 0}
+    left = explained(result["output_paths"]["unmatched_left"], "invoice_id")
+    # invoice 2 has candidate P2 under both rules: explained against the last, "tolerance"
+    assert left[2]["_kalla_rule"] == "tolerance" and left[2]["_kalla_reason"] == "rule_failed"
+    assert left[2]["_kalla_failed"] == "tolerance_match(i.amount, p.paid, 0.02)"
+    # invoice 4 pairs with P7 and P8 alike: one-to-one rules hold it back as ambiguous
+    assert left[4]["_kalla_reason"] == "ambiguous" and left[4]["_kalla_failed"] in (None, "")
+    right = explained(result["output_paths"]["unmatched_right"], "payment_id")
+    assert right["P7"]["_kalla_reason"] == right["P8"]["_kalla_reason"] == "ambiguous"
