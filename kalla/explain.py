@@ -46,7 +46,9 @@ def _ident(name: str) -> str:
 def _candidate_sql(rule: Rule, side: int, name: str, keys, other_keys, one_to_one: bool) -> str:
     """Best candidate per unmatched key of `side` (0 = left, 1 = right) under one rule."""
     me, other = rule.aliases[side], rule.aliases[1 - side]
-    my_table, other_table = rule.tables[me], rule.tables[other]
+    # The unmatched file holds the full rows of this side: candidates are looked up for
+    # exactly those rows, with no second scan of the source.
+    other_table = rule.tables[other]
     on = " AND ".join(f"{pair[side]} = {pair[1 - side]}" for pair in rule.keys)
     checks = [f"COALESCE({rewrite_functions(c.text)}, false)" for c in rule.conditions]
     failed_n = " + ".join(f"CASE WHEN {c} THEN 0 ELSE 1 END" for c in checks) or "0"
@@ -56,7 +58,6 @@ def _candidate_sql(rule: Rule, side: int, name: str, keys, other_keys, one_to_on
     delta = rewrite_functions(deltas[0]) if deltas else "CAST(NULL AS DOUBLE)"
     mine = ", ".join(f"{me}.{_ident(k)} AS __k{i}" for i, k in enumerate(keys))
     theirs = ", ".join(f"{other}.{_ident(k)} AS __c{i}" for i, k in enumerate(other_keys))
-    in_unmatched = " AND ".join(f"{me}.{_ident(k)} = u.{_ident(k)}" for k in keys)
     candidate = (f"CAST({other}.{_ident(other_keys[0])} AS VARCHAR)" if len(other_keys) == 1 else
                  "concat_ws(', ', " + ", ".join(
                      f"concat({_quote(k + '=')}, COALESCE(CAST({other}.{_ident(k)} AS VARCHAR), 'NULL'))"
@@ -74,9 +75,8 @@ def _candidate_sql(rule: Rule, side: int, name: str, keys, other_keys, one_to_on
                  {delta} AS __delta, {candidate} AS __candidate,
                  CASE WHEN ({failed_n}) = 0 THEN {reason} ELSE 'rule_failed' END AS __reason,
                  {_quote(name)} AS __rule
-          FROM {_ident(my_table.lower())} {me}
+          FROM __kalla_unmatched {me}
           JOIN {_ident(other_table.lower())} {other} ON {on}
-          WHERE EXISTS (SELECT 1 FROM __kalla_unmatched u WHERE {in_unmatched})
         )
       ) WHERE __rn = 1"""
 
