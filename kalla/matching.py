@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .engines import engine_name
 from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet

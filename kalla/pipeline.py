@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import os
 import shutil
 import tempfile
 import threading

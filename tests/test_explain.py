@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
