@@ -66,8 +66,8 @@ def counts(outdir: str) -> dict:
             for name in ("matched", "unmatched_left", "unmatched_right")}
 
 
-def kalla_cmd(inv, pay, outdir, workdir) -> list[str]:
-    job = {"match_sql": MATCH_SQL, "output_path": outdir,
+def kalla_cmd(inv, pay, outdir, workdir, match_sql: str = MATCH_SQL) -> list[str]:
+    job = {"match_sql": match_sql, "output_path": outdir,
            "sources": [{"alias": "invoices", "uri": inv}, {"alias": "payments", "uri": pay}],
            "primary_keys": {"invoices": ["invoice_id"], "payments": ["payment_id"]}}
     path = os.path.join(workdir, "job.json")

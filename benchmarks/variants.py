@@ -6,7 +6,6 @@ Both tools must produce the same matched count (checked).
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from run import ROOT, measure  # noqa: E402
+from run import kalla_cmd, measure  # noqa: E402
 
 SPLIT_SQL = ("SELECT i.invoice_id, p.payment_id FROM invoices i "
              "JOIN (SELECT reference_number, SUM(paid_amount) AS total FROM payments "
@@ -51,13 +50,7 @@ def run_split(data: str, runs: int) -> dict:
                 out = os.path.join(work, "out")
                 os.makedirs(out)
                 if tool == "kalla":
-                    job = {"match_sql": SPLIT_SQL, "output_path": out,
-                           "sources": [{"alias": "invoices", "uri": inv}, {"alias": "payments", "uri": pay}],
-                           "primary_keys": {"invoices": ["invoice_id"], "payments": ["payment_id"]}}
-                    path = os.path.join(work, "job.json")
-                    with open(path, "w") as fh:
-                        json.dump(job, fh)
-                    cmd = [os.path.join(ROOT, "bin", "kalla-run"), "--json", path]
+                    cmd = kalla_cmd(inv, pay, out, work, SPLIT_SQL)
                 else:
                     cmd = [sys.executable, "-c", DUCKDB, inv, pay, out]
                 times[tool].append(measure(cmd, env)["seconds"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .sqltext import _call_args, _skip
+from .sqltext import _call_args, code_positions
 
 _KEYWORDS = ("select", "from", "join", "inner", "on", "where", "group", "having", "union",
              "order", "limit", "left", "right", "full", "cross", "outer", "natural", "using",
@@ -45,24 +45,14 @@ class NotDecomposable(Exception):
 
 def tokens(sql: str) -> list[tuple[int, int, str]]:
     """Top-level words (depth 0, outside strings and comments) as (start, end, lower word)."""
-    out, depth, i = [], 0, 0
-    while i < len(sql):
-        j = _skip(sql, i)
-        if j != i:
-            i = j
-            continue
+    out, depth = [], 0
+    for i in code_positions(sql):
         ch = sql[i]
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
+        depth += (ch == "(") - (ch == ")")
         m = _WORD.match(sql, i)
-        if m and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] in "_.")):
-            if depth == 0:
-                out.append((i, m.end(), m.group(0).lower()))
-            i = m.end()
-            continue
-        i += 1
+        # a word starts where the previous character cannot belong to a name
+        if m and depth == 0 and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] in "_.")):
+            out.append((i, m.end(), m.group(0).lower()))
     return out
 
 
@@ -131,12 +121,9 @@ def _sides(expr: str, aliases: tuple[str, str]) -> set[str]:
 
 
 def _strip_strings(sql: str) -> str:
-    out, i = [], 0
-    while i < len(sql):
-        j = _skip(sql, i)
-        out.append(" " if j != i else sql[i])
-        i = j if j != i else i + 1
-    return "".join(out)
+    """sql with every string literal, quoted identifier and comment blanked out."""
+    code = set(code_positions(sql))
+    return "".join(ch if i in code else " " for i, ch in enumerate(sql))
 
 
 def _equality(cond: str) -> tuple[str, str] | None:

@@ -15,7 +15,6 @@ from .engines import engine_name
 from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet
 from .errors import KallaError, MatchError
 from .outputs import BackgroundWriter
-from .functions import register_functions
 
 # Share of the job's memory budget given to DataFusion's pool; the rest covers Arrow
 # buffers outside the pool, the Parquet writer and the Polars anti-joins.
@@ -66,7 +65,6 @@ def match_context(job):
     job.join_strategy = "hash" if hash_join else "sort-merge (spilling)"
     ctx = make_context(memory_bytes=pool, spill_dir=os.path.join(job.scratch, "spill"),
                        hash_join=hash_join, batch_rows=8192)
-    register_functions(ctx)
     for alias, files in job.staged.items():
         register_parquet(ctx, alias, files[0])
     return ctx

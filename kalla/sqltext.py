@@ -40,14 +40,27 @@ def _skip(sql: str, i: int) -> int:
     return i
 
 
-def _call_args(sql: str, open_paren: int) -> tuple[list[str], int]:
-    """Split the arguments of a call whose '(' is at open_paren; return (args, end)."""
-    depth, start, args, i = 0, open_paren + 1, [], open_paren
+def code_positions(sql: str, start: int = 0):
+    """Indexes of the characters of sql from start that are code: outside string literals,
+    quoted identifiers and comments.
+
+    >>> "".join("x" if i in set(code_positions("a 'b' c")) else "." for i in range(7))
+    'xx...xx'
+    """
+    i = start
     while i < len(sql):
         j = _skip(sql, i)
         if j != i:
             i = j
             continue
+        yield i
+        i += 1
+
+
+def _call_args(sql: str, open_paren: int) -> tuple[list[str], int]:
+    """Split the arguments of a call whose '(' is at open_paren; return (args, end)."""
+    depth, start, args = 0, open_paren + 1, []
+    for i in code_positions(sql, open_paren):
         ch = sql[i]
         if ch == "(":
             depth += 1
@@ -59,7 +72,6 @@ def _call_args(sql: str, open_paren: int) -> tuple[list[str], int]:
         elif ch == "," and depth == 1:
             args.append(sql[start:i].strip())
             start = i + 1
-        i += 1
     raise MatchError("match_sql has an unbalanced '(': a function call is not closed")
 
 

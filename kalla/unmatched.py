@@ -35,12 +35,7 @@ def unmatched_row_numbers(source_files: Sequence[str], keys: Sequence[str], matc
                           matched_columns: Sequence[str]) -> tuple[np.ndarray, int]:
     """Sorted row numbers (over source_files in order) whose key is in no matched row."""
     source = pl.scan_parquet(list(source_files)).select(list(keys)).with_row_index(ROW)
-    dtypes = source.collect_schema()
-    matched = (pl.scan_parquet(matched_path)
-               .select([pl.col(m).cast(dtypes[k], strict=False).alias(k)
-                        for m, k in zip(matched_columns, keys)])
-               .drop_nulls()
-               .unique())
+    matched = _matched_keys(keys, matched_path, matched_columns, source.collect_schema())
     # maintain_order keeps row numbers ascending, so no sort is needed afterwards
     anti = source.join(matched, on=list(keys), how="anti", nulls_equal=False, maintain_order="left")
     null_keys = source.filter(pl.any_horizontal([pl.col(k).is_null() for k in keys])).select(pl.len())
