@@ -10,6 +10,7 @@ PYTHON = sys.executable
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -18,7 +19,7 @@ class CallbackListener:
 
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()     # also signalled on every callback
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -26,6 +27,7 @@ class CallbackListener:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with listener.lock:
                     listener.calls.append((self.path, json.loads(body)))
+                    listener.lock.notify_all()
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -41,6 +43,22 @@ class CallbackListener:
         with self.lock:
             return [body for _, body in self.calls]
 
+    def terminal(self, run_id: str, timeout: float = 120) -> dict:
+        """Wait for the completion or error callback of run_id."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                for body in (body for _, body in self.calls):
+                    if body.get("run_id") == run_id and is_terminal(body):
+                        return body
+                assert self.lock.wait(max(0.0, deadline - time.monotonic())), self.calls
+                assert time.monotonic() < deadline
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def is_terminal(body: dict) -> bool:
+    """A completion (counts, no stage) or an error callback."""
+    return "error" in body or ("unmatched_left_count" in body and "stage" not in body)

@@ -6,16 +6,16 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from support import CallbackListener
 
 from .conftest import SECRET_KEY
 
@@ -100,49 +100,13 @@ def test_kalla_run_reports_a_missing_object_by_source_name(bucket, tmp_path, job
 
 # ---------------------------------------------------------------------------- the service
 
-class Callbacks:
-    """A stdlib HTTP listener recording every callback body."""
-
-    def __init__(self):
-        self.bodies: list[dict] = []
-        self.cond = threading.Condition()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with owner.cond:
-                    owner.bodies.append(body)
-                    owner.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cb"
-
-    def terminal(self, run_id: str, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for body in self.bodies:
-                    if body.get("run_id") == run_id and is_terminal(body):
-                        return body
-                assert self.cond.wait(max(0.0, deadline - time.monotonic())), self.bodies
-                assert time.monotonic() < deadline
+class Callbacks(CallbackListener):
+    """The shared callback listener, plus the staging progress of one source."""
 
     def progress(self, run_id: str, source: str) -> list[float]:
-        return [b["progress"] for b in self.bodies if b.get("run_id") == run_id
+        return [b["progress"] for b in self.bodies() if b.get("run_id") == run_id
                 and b.get("stage") == "staging" and b.get("source") == source]
 
-
-def is_terminal(body: dict) -> bool:
-    """A completion (counts, no stage) or an error callback."""
-    return "error" in body or ("unmatched_left_count" in body and "stage" not in body)
 
 
 @pytest.fixture
@@ -205,5 +169,5 @@ def test_the_service_runs_an_s3_job_and_reports_its_errors(bucket, tmp_path, ser
     submit(base, failing)
     error = callbacks.terminal(failing["run_id"])
     assert "invoices" in error["error"] and "does not exist" in error["error"]
-    everything = json.dumps(callbacks.bodies) + log_path.read_text(errors="replace")
+    everything = json.dumps(callbacks.bodies()) + log_path.read_text(errors="replace")
     assert SECRET_KEY not in everything
