@@ -21,14 +21,13 @@ against). Everything runs as DataFusion SQL over the staged files: nothing is co
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .decompose import NotDecomposable, Rule, decompose
 from .engine import make_context, read_only_options, register_parquet
+from .outputs import BackgroundWriter
 from .sqltext import rewrite_functions
 
 REASONS = ("null_key", "no_candidate", "rule_failed", "ambiguous", "unexplained")
@@ -63,22 +62,31 @@ def _candidate_sql(rule: Rule, side: int, name: str, keys, other_keys, one_to_on
                      f"concat({_quote(k + '=')}, COALESCE(CAST({other}.{_ident(k)} AS VARCHAR), 'NULL'))"
                      for k in other_keys) + ")")
     order = ", ".join(f"__c{i}" for i in range(len(other_keys)))
-    partition = ", ".join(f"__k{i}" for i in range(len(keys)))
     reason = "'ambiguous'" if one_to_one else "'unexplained'"
-    return f"""
-      SELECT * FROM (
-        SELECT *, row_number() OVER (PARTITION BY {partition}
-                                     ORDER BY __failed_n, abs(__delta) NULLS LAST, {order}) AS __rn
-        FROM (
+    return _first_per_key(f"""
           SELECT {mine}, {theirs}, ({failed_n}) AS __failed_n,
                  {f"concat_ws(' AND ', {failed})" if failed else "CAST(NULL AS VARCHAR)"} AS __failed,
                  {delta} AS __delta, {candidate} AS __candidate,
                  CASE WHEN ({failed_n}) = 0 THEN {reason} ELSE 'rule_failed' END AS __reason,
                  {_quote(name)} AS __rule
           FROM __kalla_unmatched {me}
-          JOIN {_ident(other_table.lower())} {other} ON {on}
-        )
-      ) WHERE __rn = 1"""
+          JOIN {_ident(other_table.lower())} {other} ON {on}""",
+        len(keys), f"__failed_n, abs(__delta) NULLS LAST, {order}")
+
+
+def _first_per_key(sql: str, nkeys: int, order: str) -> str:
+    """The first row of each key __k0..__kN of `sql` in the given order.
+
+    One sort by key then `order`, and a row is first when the previous row's key differs
+    (``lag``). DataFusion's partitioned ``row_number()`` does the same but keeps state per
+    partition: with a partition per key it cost three times as much.
+    """
+    keys = [f"__k{i}" for i in range(nkeys)]
+    prev = ", ".join(f"lag({k}) OVER (ORDER BY {', '.join(keys)}, {order}) AS __p{i}"
+                     for i, k in enumerate(keys))
+    first = " OR ".join(f"({k} IS DISTINCT FROM __p{i})" for i, k in enumerate(keys))
+    lags = ", ".join(f"__p{i}" for i in range(nkeys))
+    return f"SELECT * EXCLUDE ({lags}) FROM (SELECT *, {prev} FROM ({sql})) WHERE {first}"
 
 
 def explain_side(staged: dict, sources: tuple, primary_keys: dict, rules: Sequence,
@@ -99,10 +107,7 @@ def explain_side(staged: dict, sources: tuple, primary_keys: dict, rules: Sequen
         except NotDecomposable as exc:
             why[rule.name] = str(exc)
     sql = _final_sql(decomposed, side, keys, other_keys, why, rules)
-    _stream(ctx.sql_with_options(sql, read_only_options()), out_path)
-    # count from the file just written rather than running the query a second time
-    reasons = pq.read_table(out_path, columns=["_kalla_reason"]).column(0)
-    counts = {row["values"]: row["counts"] for row in pc.value_counts(reasons).to_pylist()}
+    counts = _stream(ctx.sql_with_options(sql, read_only_options()), out_path)
     return {"reasons": {r: counts[r] for r in REASONS if counts.get(r)}, "unexplained_rules": why}
 
 
@@ -121,9 +126,7 @@ def _final_sql(decomposed, side, keys, other_keys, why, rules) -> str:
         best = parts[0]
     else:
         union = " UNION ALL ".join(parts)
-        part = ", ".join(f"__k{i}" for i in range(len(keys)))
-        best = (f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY {part} ORDER BY __order DESC)"
-                f" AS __pick FROM ({union})) WHERE __pick = 1")
+        best = _first_per_key(union, len(keys), "__order DESC")
     on = " AND ".join(f"u.{_ident(k)} = b.__k{i}" for i, k in enumerate(keys))
     last = decomposed[-1][0].name
     return f"""
@@ -137,29 +140,30 @@ def _final_sql(decomposed, side, keys, other_keys, why, rules) -> str:
       FROM __kalla_unmatched u LEFT JOIN ({best}) b ON {on}"""
 
 
-def _stream(df, out_path: str) -> None:
-    schema = df.schema()
-    with pq.ParquetWriter(out_path, schema, compression="snappy") as writer:
+def _stream(df, out_path: str) -> dict[str, int]:
+    """Write the query's rows to out_path (encoded on a writer thread); count the reasons."""
+    counts: dict[str, int] = {}
+    with BackgroundWriter(out_path, df.schema()) as writer:
         for batch in df.execute_stream():
             rb = batch.to_pyarrow()
             if rb.num_rows:
                 writer.write_batch(rb)
+                for row in pc.value_counts(rb.column("_kalla_reason")).to_pylist():
+                    counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
+    return counts
 
 
-def explain_unmatched(job, rules: Sequence) -> dict:
-    """Rewrite both unmatched files with explanation columns; return break reasons per side."""
-    def one(side: int, name: str) -> dict:
-        path = job.outputs.partial(name)
-        explained = path + ".explained"
-        result = explain_side(job.staged, (job.spec.left.alias, job.spec.right.alias),
-                              job.spec.primary_keys, rules, side, path, explained,
-                              spill_dir=os.path.join(job.scratch, "spill"),
-                              memory_bytes=int(job.memory_bytes * 0.3))   # two sides at once
-        os.replace(explained, path)
-        return result
+def explain_file(job, rules: Sequence, side: int) -> dict:
+    """Rewrite one side's unmatched file with explanation columns; return its break reasons.
 
-    # both sides at once: DataFusion runs outside the GIL
-    with ThreadPoolExecutor(2) as pool:
-        left = pool.submit(one, 0, "unmatched_left")
-        right = pool.submit(one, 1, "unmatched_right")
-        return {"left": left.result(), "right": right.result()}
+    Called for each side as soon as that side's unmatched file is written, so one side's
+    explanation overlaps the other side's anti-join.
+    """
+    path = job.outputs.partial(("unmatched_left", "unmatched_right")[side])
+    explained = path + ".explained"
+    result = explain_side(job.staged, (job.spec.left.alias, job.spec.right.alias),
+                          job.spec.primary_keys, rules, side, path, explained,
+                          spill_dir=os.path.join(job.scratch, "spill"),
+                          memory_bytes=int(job.memory_bytes * 0.3))   # two sides at once
+    os.replace(explained, path)
+    return result

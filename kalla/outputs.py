@@ -91,10 +91,13 @@ def _remove(path: str) -> None:
         pass
 
 
-def writer_options(schema) -> dict:
+def writer_options(schema, scratch: bool = False) -> dict:
     """Parquet options for Kalla's outputs: snappy, and dictionary encoding only for text
-    and binary columns - on unique ids and amounts it is wasted work (~40 % of write time)."""
+    and binary columns - on unique ids and amounts it is wasted work (~40 % of write time).
+    A scratch file, read once more and rewritten (explain), is written plain and uncompressed."""
     import pyarrow as pa
+    if scratch:
+        return {"compression": "none", "use_dictionary": False}
     text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
             or pa.types.is_binary(f.type) or pa.types.is_dictionary(f.type)]
     return {"compression": "snappy", "use_dictionary": text or False}

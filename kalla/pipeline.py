@@ -82,17 +82,25 @@ def derive(job: Job) -> None:
     left, right = job.spec.left.alias, job.spec.right.alias
     matched = job.outputs.partial("matched")
 
-    def one(side: str, alias: str):
-        return derive_unmatched(job.staged[alias], job.spec.primary_keys[alias], matched,
-                                job.key_columns[alias], job.outputs.partial(f"unmatched_{side}"))
+    explain = job.spec.explain
+    if explain:
+        from .explain import explain_file
+        rules = job.spec.rules or (RuleSpec("match_sql", job.spec.match_sql),)
+
+    def one(index: int, side: str, alias: str):
+        # with explain the file is rewritten at once: written plain, then explained
+        result = derive_unmatched(job.staged[alias], job.spec.primary_keys[alias], matched,
+                                  job.key_columns[alias], job.outputs.partial(f"unmatched_{side}"),
+                                  scratch=explain)
+        return result, (explain_file(job, rules, index) if explain else None)
 
     with ThreadPoolExecutor(2) as pool:
-        futures = {side: pool.submit(one, side, alias) for side, alias in (("left", left), ("right", right))}
-        job.unmatched = {side: f.result() for side, f in futures.items()}
-    if job.spec.explain:
-        from .explain import explain_unmatched
-        rules = job.spec.rules or (RuleSpec("match_sql", job.spec.match_sql),)
-        job.explained = explain_unmatched(job, rules)
+        futures = {side: pool.submit(one, i, side, alias)
+                   for i, (side, alias) in enumerate((("left", left), ("right", right)))}
+        done = {side: f.result() for side, f in futures.items()}
+    job.unmatched = {side: result for side, (result, _) in done.items()}
+    if explain:
+        job.explained = {side: reasons for side, (_, reasons) in done.items()}
 
 
 def publish(job: Job) -> None:

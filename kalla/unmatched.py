@@ -47,7 +47,7 @@ def unmatched_row_numbers(source_files: Sequence[str], keys: Sequence[str], matc
 
 
 def write_rows(source_files: Sequence[str], rows: np.ndarray, out_path: str,
-               batch_rows: int = 65536) -> int:
+               batch_rows: int = 65536, scratch: bool = False) -> int:
     """Copy the given row numbers of the source files into out_path; return rows written.
 
     Reads batch by batch (memory: one batch), and only the row groups that hold at least
@@ -55,7 +55,7 @@ def write_rows(source_files: Sequence[str], rows: np.ndarray, out_path: str,
     """
     schema = pq.read_schema(source_files[0]) if source_files else pa.schema([])
     written, offset = 0, 0
-    with pq.ParquetWriter(out_path, schema, **writer_options(schema)) as writer:
+    with pq.ParquetWriter(out_path, schema, **writer_options(schema, scratch)) as writer:
         for path in source_files:
             parquet = pq.ParquetFile(path)
             for group in range(parquet.num_row_groups):
@@ -92,7 +92,8 @@ def _matched_keys(keys, matched_path, matched_columns, dtypes) -> pl.LazyFrame:
 
 
 def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
-                     matched_columns: Sequence[str], out_path: str) -> UnmatchedResult:
+                     matched_columns: Sequence[str], out_path: str,
+                     scratch: bool = False) -> UnmatchedResult:
     """Full rows through Polars' streaming anti-join, cast back to the source schema."""
     schema = pq.read_schema(source_files[0])
     source = pl.scan_parquet(list(source_files))
@@ -100,7 +101,7 @@ def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_p
     anti = source.join(_matched_keys(keys, matched_path, matched_columns, dtypes), on=list(keys),
                        how="anti", nulls_equal=False, maintain_order="left")
     written = 0
-    with pq.ParquetWriter(out_path, schema, **writer_options(schema)) as writer:
+    with pq.ParquetWriter(out_path, schema, **writer_options(schema, scratch)) as writer:
         for frame in anti.collect_batches(chunk_size=BATCH_ROWS, maintain_order=True):
             table = frame.to_arrow().cast(schema)
             writer.write_table(table)
@@ -111,10 +112,12 @@ def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_p
 
 
 def derive_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
-                     matched_columns: Sequence[str], out_path: str) -> UnmatchedResult:
+                     matched_columns: Sequence[str], out_path: str,
+                     scratch: bool = False) -> UnmatchedResult:
+    """Write the unmatched rows to out_path (plain and uncompressed when it is scratch)."""
     try:
-        return stream_unmatched(source_files, keys, matched_path, matched_columns, out_path)
+        return stream_unmatched(source_files, keys, matched_path, matched_columns, out_path, scratch)
     except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError) as exc:
         log.info("unmatched rows via key row numbers (%s: %s)", type(exc).__name__, exc)
     rows, null_keys = unmatched_row_numbers(source_files, keys, matched_path, matched_columns)
-    return UnmatchedResult(write_rows(source_files, rows, out_path), null_keys)
+    return UnmatchedResult(write_rows(source_files, rows, out_path, scratch=scratch), null_keys)

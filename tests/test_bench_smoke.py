@@ -21,3 +21,16 @@ def test_benchmark_smoke(tmp_path):
     tools = report["results"][0]["tools"]
     assert set(tools) == {"kalla", "duckdb", "polars"}
     assert set(tools["kalla"]["stages_median_s"]) >= {"staging", "matching", "unmatched"}
+
+
+def test_explain_benchmark_smoke(tmp_path):
+    """bench_explain.py checks every explained run's break reasons against its numpy model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KALLA_")}
+    out = tmp_path / "explain.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_explain.py"),
+                           "--rows", "20000", "--runs", "1", "--data", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["expected"]["left"]["no_candidate"] > 0 and report["expected"]["right"]["rule_failed"] > 0
+    assert report["explain"]["stages_median_s"]["unmatched"] > 0
