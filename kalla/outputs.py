@@ -103,30 +103,29 @@ def writer_options(schema, scratch: bool = False) -> dict:
     return {"compression": "snappy", "use_dictionary": text or False}
 
 
-class BackgroundWriter:
-    """A Parquet writer fed through a small bounded queue from its own thread.
+class Background:
+    """Run ``consume(batch)`` on its own thread, fed through a small bounded queue.
 
     Encoding and compressing a batch (pyarrow releases the GIL) then overlaps producing the
     next one; the queue bounds memory to a few batches. Errors surface on the next write or
-    at close; leaving the ``with`` block on an exception stops the thread and closes the file.
+    at close; leaving the ``with`` block on an exception stops the thread and runs ``done``.
     """
 
-    def __init__(self, path: str, schema, depth: int = 4):
+    def __init__(self, consume, done=lambda: None, depth: int = 4, name: str = "parquet-writer"):
         import queue
         import threading
 
-        import pyarrow.parquet as pq
-        self._writer = pq.ParquetWriter(path, schema, **writer_options(schema))
+        self._consume, self._done = consume, done
         self._queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="parquet-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (batch := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._writer.write_batch(batch)
+                    self._consume(batch)
                 except BaseException as exc:  # re-raised on the producer's thread
                     self._error = exc
 
@@ -138,7 +137,7 @@ class BackgroundWriter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        self._writer.close()
+        self._done()
         if self._error is not None:
             raise self._error
 
@@ -152,4 +151,13 @@ class BackgroundWriter:
         self._error = self._error or exc
         self._queue.put(None)
         self._thread.join()
-        self._writer.close()
+        self._done()
+
+
+class BackgroundWriter(Background):
+    """A Parquet file (the outputs' options) written by a Background thread."""
+
+    def __init__(self, path: str, schema, depth: int = 4):
+        import pyarrow.parquet as pq
+        writer = pq.ParquetWriter(path, schema, **writer_options(schema))
+        super().__init__(writer.write_batch, writer.close, depth)

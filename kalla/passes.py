@@ -21,16 +21,15 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .engine import plan_match
+from .engine import plan_match, register_parquet
 from .errors import MatchError
 from .keys import resolve_key_columns
 from .matching import execution_errors, output_schema, stream_batches
+from .outputs import Background, writer_options
 from .rules import MATCH_RULE_COLUMN, RuleSpec
-from .unmatched import ROW
 
 
 @dataclass
@@ -54,7 +53,7 @@ def run_rules(job, ctx) -> None:
     job.key_columns = canonical_keys(passes, sides)
     schema = union_schema(passes)
     with execution_errors("rules"), \
-            pq.ParquetWriter(job.outputs.partial("matched"), schema, compression="snappy") as union:
+            pq.ParquetWriter(job.outputs.partial("matched"), schema, **writer_options(schema)) as union:
         for p in passes:
             job.check_cancelled()
             later = p is not passes[-1]
@@ -124,31 +123,48 @@ def _common_type(name: str, first: pa.DataType, first_pass: Pass, other: pa.Data
 
 class PassSink:
     """Where a pass's pairs go: conformed into matched.parquet, and (when a later rule
-    needs them) each side's key columns, under the source's own names, into a key file."""
+    needs them) each side's key columns, under the source's own names, into a key file.
+
+    The writing runs on a Background thread, overlapping DataFusion producing the next batch.
+    """
 
     def __init__(self, job, p: Pass, union: pq.ParquetWriter, schema: pa.Schema, sides: list[str]):
         self.p, self.union, self.schema = p, union, schema
         self.rows = 0
-        self.key_paths = {alias: os.path.join(job.scratch, f"keys-{alias}-{p.index}.parquet")
+        self.key_paths = {alias: os.path.join(key_dir(job, alias), f"pass-{p.index}.parquet")
                           for alias in sides}
-        self.key_columns = {alias: (p.keys[alias], job.spec.primary_keys[alias]) for alias in sides}
-        # scratch files, read back by the later rules' views: not worth compressing
-        self.key_writers = {
-            alias: pq.ParquetWriter(path, pa.schema([pa.field(name, p.schema.field(col).type)
-                                                     for col, name in zip(*self.key_columns[alias])]),
-                                    compression="none")
-            for alias, path in self.key_paths.items()}
+        self.key_columns = {alias: p.keys[alias] for alias in sides}
+        # Under the source's own names and types: every pass's key file of a side is read as
+        # one table. Scratch files, read back by the later rules' views: plain, uncompressed.
+        self.key_schemas = {alias: pa.schema([pq.read_schema(job.staged[alias][0]).field(name).with_nullable(True)
+                                              for name in job.spec.primary_keys[alias]])
+                            for alias in sides}
+        self.key_writers = {alias: pq.ParquetWriter(path, self.key_schemas[alias], compression="none",
+                                                    use_dictionary=False)
+                            for alias, path in self.key_paths.items()}
+        self._thread = Background(self._write, self._close_keys)
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.rows += batch.num_rows
+        self._thread.write_batch(batch)
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         self.union.write_batch(_conform(batch, self.p, self.schema))
         for alias, writer in self.key_writers.items():
-            columns, names = self.key_columns[alias]
-            writer.write_batch(pa.RecordBatch.from_arrays([batch.column(c) for c in columns], names=list(names)))
+            schema = self.key_schemas[alias]
+            columns = [batch.column(c) for c in self.key_columns[alias]]
+            writer.write_batch(pa.RecordBatch.from_arrays(
+                [c if c.type == f.type else c.cast(f.type) for c, f in zip(columns, schema)], schema=schema))
 
-    def close(self) -> None:
+    def _close_keys(self) -> None:
         for writer in self.key_writers.values():
             writer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._thread.__exit__(kind, exc, tb)
 
 
 def run_pass(job, ctx, p: Pass, sink: PassSink, count: int) -> None:
@@ -160,14 +176,11 @@ def run_pass(job, ctx, p: Pass, sink: PassSink, count: int) -> None:
         return {"stage": "matching", "rule": p.rule.name, "progress": round(min(0.99, fraction), 4),
                 "matched_count": done_before + sink.rows}
 
-    with execution_errors(f"rule {p.rule.name!r}"):
-        try:
-            if p.rule.one_to_one:
-                run_one_to_one(job, ctx, p, sink, event)
-            else:
-                stream_batches(job, plan_match(ctx, p.rule.match_sql), sink.write, event)
-        finally:
-            sink.close()
+    with execution_errors(f"rule {p.rule.name!r}"), sink:
+        if p.rule.one_to_one:
+            run_one_to_one(job, ctx, p, sink, event)
+        else:
+            stream_batches(job, plan_match(ctx, p.rule.match_sql), sink.write, event)
     p.rows = job.rule_counts[p.rule.name] = sink.rows
     job.report({**event(0), "progress": round(min(0.99, (p.index + 1) / count), 4)})
 
@@ -193,6 +206,9 @@ def unambiguous_rows(path: str, keys: dict[str, list[str]]) -> np.ndarray:
     columns go through Polars' streaming engine: memory holds keys, never the pairs. A key
     with a NULL identifies no record, so it never makes a pair ambiguous.
     """
+    import polars as pl   # here, not at import: the pipeline loads Polars on a side thread
+
+    from .unmatched import ROW
     columns = list(dict.fromkeys(c for cols in keys.values() for c in cols))
     pairs = pl.scan_parquet(path).select(columns).with_row_index(ROW)
     kept = pairs
@@ -217,14 +233,30 @@ def copy_rows(path: str, rows: np.ndarray, write) -> None:
         offset += size
 
 
+def key_dir(job, alias: str) -> str:
+    """The directory of one side's key files, a file per pass so far."""
+    path = os.path.join(job.scratch, f"keys-{alias}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def narrow(ctx, job, p: Pass, key_paths: dict[str, str]) -> None:
-    """Make each side's alias the records it named before, minus this pass's keys."""
-    for alias, path in key_paths.items():
-        name, keys = alias.lower(), f"__kalla_keys_{alias.lower()}_{p.index}"
-        ctx.register_parquet(keys, path)
+    """Make each side's alias its source minus the keys of every pass so far.
+
+    One anti-join against all the passes' key files (a directory read as one table), so
+    each later rule probes one hash table rather than one per earlier pass.
+    """
+    for alias in key_paths:
+        name = alias.lower()
+        source, keys = f"__kalla_source_{name}", f"__kalla_keys_{name}"
+        if not ctx.table_exist(source):
+            register_parquet(ctx, source, job.staged[alias][0])
+        else:
+            ctx.deregister_table(keys)
+        ctx.register_parquet(keys, key_dir(job, alias))
         on = " AND ".join(f"s.{_quote(k)} = k.{_quote(k)}" for k in job.spec.primary_keys[alias])
         # An anti-join never pairs NULL keys, so records with a NULL key stay (unmatched).
-        remaining = ctx.sql(f"SELECT s.* FROM {_quote(name)} s LEFT ANTI JOIN {_quote(keys)} k ON {on}")
+        remaining = ctx.sql(f"SELECT s.* FROM {_quote(source)} s LEFT ANTI JOIN {_quote(keys)} k ON {on}")
         ctx.deregister_table(name)
         ctx.register_view(name, remaining)
 
