@@ -192,8 +192,9 @@ def run_one_to_one(job, ctx, p: Pass, sink: PassSink, event) -> None:
     """
     df = plan_match(ctx, p.rule.match_sql)
     raw = os.path.join(job.scratch, f"pass-{p.index}.parquet")
-    with pq.ParquetWriter(raw, output_schema(df), compression="none") as writer:
-        found = stream_batches(job, df, writer.write_batch, event)
+    writer = pq.ParquetWriter(raw, output_schema(df), compression="none", use_dictionary=False)
+    with Background(writer.write_batch, writer.close) as scratch:
+        found = stream_batches(job, df, scratch.write_batch, event)
     copy_rows(raw, unambiguous_rows(raw, p.keys), sink.write)
     p.ambiguous = job.ambiguous[p.rule.name] = found - sink.rows
     os.remove(raw)
