@@ -65,6 +65,7 @@ class Job:
         self.rule_counts: dict[str, int] = {}    # rules jobs: matched rows per rule
         self.ambiguous: dict[str, int] = {}      # one_to_one rules: pairs held back
         self.explained: dict = {}                # explain: reasons per side
+        self.leftovers: dict = {}                # rules jobs: alias -> records no rule took
 
     def report(self, event: dict) -> None:
         with self._report_lock:
@@ -78,7 +79,7 @@ class Job:
 def derive(job: Job) -> None:
     if job.unmatched:        # the engine derived them on the cluster (kalla/engines)
         return
-    from .unmatched import derive_unmatched      # preloaded above
+    from .unmatched import derive_unmatched, write_leftovers      # preloaded above
     left, right = job.spec.left.alias, job.spec.right.alias
     matched = job.outputs.partial("matched")
 
@@ -89,9 +90,12 @@ def derive(job: Job) -> None:
 
     def one(index: int, side: str, alias: str):
         # with explain the file is rewritten at once: written plain, then explained
-        result = derive_unmatched(job.staged[alias], job.spec.primary_keys[alias], matched,
-                                  job.key_columns[alias], job.outputs.partial(f"unmatched_{side}"),
-                                  scratch=explain)
+        out, keys = job.outputs.partial(f"unmatched_{side}"), job.spec.primary_keys[alias]
+        if alias in job.leftovers:     # a rules job: the passes left exactly these records
+            result = write_leftovers(job.leftovers[alias], job.staged[alias], keys, out, scratch=explain)
+        else:
+            result = derive_unmatched(job.staged[alias], keys, matched, job.key_columns[alias], out,
+                                      scratch=explain)
         return result, (explain_file(job, rules, index) if explain else None)
 
     with ThreadPoolExecutor(2) as pool:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .outputs import writer_options
@@ -109,6 +110,35 @@ def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_p
     nulls = (source.select(list(keys)).filter(pl.any_horizontal([pl.col(k).is_null() for k in keys]))
              .select(pl.len()).collect(engine="streaming").item())
     return UnmatchedResult(written, int(nulls))
+
+
+def write_leftovers(leftovers, source_files: Sequence[str], keys: Sequence[str], out_path: str,
+                    scratch: bool = False) -> UnmatchedResult:
+    """Stream a rules job's leftovers (a DataFusion DataFrame: the source minus every pass's
+    keys, kalla/passes.py) into out_path under the source's exact schema.
+
+    The passes already narrowed each side to the records no rule took, so this reads the
+    small leftovers rather than anti-joining the whole source again. Records whose key has
+    a NULL are never removed by an anti-join: they are here, and counted.
+    """
+    schema = pq.read_schema(source_files[0])
+    written = nulls = 0
+    with pq.ParquetWriter(out_path, schema, **writer_options(schema, scratch)) as writer:
+        for batch in leftovers.execute_stream():
+            rb = batch.to_pyarrow()
+            if not rb.num_rows:
+                continue
+            if rb.schema != schema:
+                rb = pa.RecordBatch.from_arrays(
+                    [c if c.type == f.type else c.cast(f.type) for c, f in zip(rb.columns, schema)],
+                    schema=schema)
+            writer.write_batch(rb)
+            written += rb.num_rows
+            null_key = pc.is_null(rb.column(keys[0]))
+            for key in keys[1:]:
+                null_key = pc.or_(null_key, pc.is_null(rb.column(key)))
+            nulls += pc.sum(null_key).as_py() or 0
+    return UnmatchedResult(written, nulls)
 
 
 def derive_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,

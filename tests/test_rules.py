@@ -246,6 +246,50 @@ def test_one_to_one_ignores_null_keys_and_counts_composite_keys(tmp_path, settin
     assert result["unmatched_right_count"] == 4         # r1, r2 held back; two NULL ids
 
 
+@pytest.mark.parametrize("cut", [20, 50])   # 50: the first pass takes most, its leftovers are copied
+def test_rules_unmatched_keep_every_source_type_and_null_keys(tmp_path, settings, cut):
+    """The unmatched files of a rules job come from the passes' leftovers (views or copies,
+    kalla.passes.narrow): the source's exact schema, every leftover row once, NULL-key rows
+    kept and counted."""
+    n = 60
+    left = pa.table({
+        "id": pa.array([None if i % 17 == 5 else i for i in range(n)], pa.int32()),
+        "name": pa.array([f"n{i}" for i in range(n)], pa.string()),
+        "note": pa.array([f"long {i}" for i in range(n)], pa.large_string()),
+        "day": pa.array([19000 + i for i in range(n)], pa.date32()),
+        "at": pa.array([1_700_000_000_000_000 + i for i in range(n)], pa.timestamp("us", tz="UTC")),
+        "clock": pa.array([i * 1_000_000 for i in range(n)], pa.time64("us")),
+        "amount": pa.array([Decimal(i) / 4 for i in range(n)], pa.decimal128(9, 2)),
+        "flag": pa.array([i % 2 == 0 for i in range(n)], pa.bool_()),
+        "ratio": pa.array([i / 7 for i in range(n)], pa.float32()),
+        "blob": pa.array([bytes([i]) for i in range(n)], pa.binary()),
+    })
+    right = pa.table({"rid": pa.array(range(n), pa.int64()), "ref": pa.array(range(n), pa.int64())})
+    pq.write_table(left, tmp_path / "l.parquet")
+    pq.write_table(right, tmp_path / "r.parquet")
+    rules = [{"name": "low", "match_sql": f"SELECT l.id, r.rid FROM l JOIN r ON l.id = r.ref WHERE l.id < {cut}"},
+             {"name": "even", "match_sql": "SELECT l.id, r.rid FROM l JOIN r ON l.id = r.ref WHERE l.id % 2 = 0"}]
+    job = {"rules": rules, "output_path": str(tmp_path / "out"),
+           "sources": [{"alias": "l", "uri": str(tmp_path / "l.parquet")},
+                       {"alias": "r", "uri": str(tmp_path / "r.parquet")}],
+           "primary_keys": {"l": ["id"], "r": ["rid"]}}
+    result = run_job(parse_job(job, batch=True), settings)
+    ids = [None if i % 17 == 5 else i for i in range(n)]
+    taken = {i for i in ids if i is not None and (i < cut or i % 2 == 0)}
+    low = sum(1 for i in ids if i is not None and i < cut)
+    assert result["rule_counts"] == {"low": low, "even": len(taken) - low}
+    unmatched = pq.read_table(result["output_paths"]["unmatched_left"])
+    assert unmatched.schema == left.schema
+    expected = [row for row in left.to_pylist() if row["id"] not in taken]
+    assert sorted(unmatched.to_pylist(), key=lambda r: r["name"]) == sorted(expected, key=lambda r: r["name"])
+    assert result["unmatched_left_count"] == len(expected)
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["null_key_rows"] == {"l": 4, "r": 0}
+    right_left = pq.read_table(result["output_paths"]["unmatched_right"])
+    assert right_left.schema == right.schema
+    assert sorted(right_left.column("rid").to_pylist()) == sorted(set(range(n)) - taken)
+
+
 # ------------------------------------------------------------------ plain jobs are unchanged
 
 def test_plain_match_sql_job_is_exactly_as_before(tmp_path, settings):
