@@ -61,16 +61,20 @@ def run_rules(job, ctx) -> None:
             Background(lambda item: writer.write_batch(_conform(item[1], item[0], schema)),
                        writer.close, depth=16) as union:
         rows = {alias: job.source_rows.get(alias, 0) for alias in sides}   # an estimate
+        base: dict[str, str] = {}                 # alias -> the last copy of its leftovers
+        key_files: dict[str, list[str]] = {}      # alias -> key files of the passes since
         for p in passes:
             job.check_cancelled()
             later = len(passes) - 1 - p.index
             sink = PassSink(job, p, union, schema, sides)
             run_pass(job, ctx, p, sink, len(passes))
             if p.rows:     # nothing matched: the next rule sees the same records
-                narrow(ctx, job, p, sink.key_paths, rows, later)
-    # After the last pass each side's table holds the records no rule took: the unmatched
-    # stage writes them out rather than anti-joining the whole source again.
-    job.leftovers = {alias: ctx.table(alias.lower()) for alias in sides}
+                narrow(ctx, job, p, sink.key_paths, rows, later, base, key_files)
+    # The unmatched stage anti-joins (Polars) each side's last copy of its leftovers, or its
+    # source, with the key files of the passes since: the records no rule took.
+    job.leftovers = {alias: ([base[alias]] if alias in base else job.staged[alias],
+                             key_files.get(alias, []), pq.read_schema(job.staged[alias][0]))
+                     for alias in sides}
     job.matched_count = sum(p.rows for p in passes)
     job.report({"stage": "matching", "progress": 1.0, "matched_count": job.matched_count})
 
@@ -233,15 +237,17 @@ def copy_rows(path: str, rows: np.ndarray, write) -> None:
         offset += size
 
 
-def narrow(ctx, job, p: Pass, key_paths: dict[str, str], rows: dict[str, int], later: int) -> None:
+def narrow(ctx, job, p: Pass, key_paths: dict[str, str], rows: dict[str, int], later: int,
+           base: dict[str, str], key_files: dict[str, list[str]]) -> None:
     """Make each side's alias the records it named before, minus this pass's keys.
 
     Either a view (the records so far, anti-joined with the key file: nothing copied, each
     later rule pays the anti-join over the records so far) or, where that costs more, a
     copy of the leftovers in a scratch file the alias is re-registered on (later rules read
-    only the leftovers). ``rows`` holds each side's estimated record count, updated here.
+    only the leftovers). ``rows`` holds each side's estimated record count; ``base`` and
+    ``key_files`` each side's last copy and the key files since: all updated here.
     """
-    copy = {alias: worth_copying(rows[alias], p.rows, later) for alias in key_paths}
+    copy = {alias: later > 0 and worth_copying(rows[alias], p.rows, later) for alias in key_paths}
     remaining = {alias: _remaining(ctx, job, p, alias, path) for alias, path in key_paths.items()}
     with ThreadPoolExecutor(max(1, sum(copy.values()))) as pool:
         copied = {alias: pool.submit(_copy, job, p, alias, remaining[alias])
@@ -253,9 +259,11 @@ def narrow(ctx, job, p: Pass, key_paths: dict[str, str], rows: dict[str, int], l
         if alias in written:
             path, rows[alias] = written[alias]
             register_parquet(ctx, alias, path)
+            base[alias], key_files[alias] = path, []
             _drop_scratch(job, alias, keep=path)    # nothing reads earlier copies or key files
         else:
             ctx.register_view(name, remaining[alias])
+            key_files.setdefault(alias, []).append(key_paths[alias])
             rows[alias] = max(0, rows[alias] - p.rows)
 
 

@@ -65,7 +65,7 @@ class Job:
         self.rule_counts: dict[str, int] = {}    # rules jobs: matched rows per rule
         self.ambiguous: dict[str, int] = {}      # one_to_one rules: pairs held back
         self.explained: dict = {}                # explain: reasons per side
-        self.leftovers: dict = {}                # rules jobs: alias -> records no rule took
+        self.leftovers: dict = {}                # rules jobs: alias -> (files, key files, schema)
 
     def report(self, event: dict) -> None:
         with self._report_lock:
@@ -79,7 +79,7 @@ class Job:
 def derive(job: Job) -> None:
     if job.unmatched:        # the engine derived them on the cluster (kalla/engines)
         return
-    from .unmatched import derive_unmatched, write_leftovers      # preloaded above
+    from .unmatched import derive_unmatched      # preloaded above
     left, right = job.spec.left.alias, job.spec.right.alias
     matched = job.outputs.partial("matched")
 
@@ -91,8 +91,9 @@ def derive(job: Job) -> None:
     def one(index: int, side: str, alias: str):
         # with explain the file is rewritten at once: written plain, then explained
         out, keys = job.outputs.partial(f"unmatched_{side}"), job.spec.primary_keys[alias]
-        if alias in job.leftovers:     # a rules job: the passes left exactly these records
-            result = write_leftovers(job.leftovers[alias], job.staged[alias], keys, out, scratch=explain)
+        if alias in job.leftovers:     # a rules job: the passes' leftovers and key files since
+            files, key_files, schema = job.leftovers[alias]
+            result = derive_unmatched(files, keys, key_files, keys, out, scratch=explain, schema=schema)
         else:
             result = derive_unmatched(job.staged[alias], keys, matched, job.key_columns[alias], out,
                                       scratch=explain)

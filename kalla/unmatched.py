@@ -16,7 +16,6 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .outputs import writer_options
@@ -32,7 +31,7 @@ class UnmatchedResult:
     null_key_rows: int
 
 
-def unmatched_row_numbers(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
+def unmatched_row_numbers(source_files: Sequence[str], keys: Sequence[str], matched_path,
                           matched_columns: Sequence[str]) -> tuple[np.ndarray, int]:
     """Sorted row numbers (over source_files in order) whose key is in no matched row."""
     source = pl.scan_parquet(list(source_files)).select(list(keys)).with_row_index(ROW)
@@ -48,13 +47,13 @@ def unmatched_row_numbers(source_files: Sequence[str], keys: Sequence[str], matc
 
 
 def write_rows(source_files: Sequence[str], rows: np.ndarray, out_path: str,
-               batch_rows: int = 65536, scratch: bool = False) -> int:
+               batch_rows: int = 65536, scratch: bool = False, schema: pa.Schema | None = None) -> int:
     """Copy the given row numbers of the source files into out_path; return rows written.
 
     Reads batch by batch (memory: one batch), and only the row groups that hold at least
     one wanted row - where everything matched, nothing is read.
     """
-    schema = pq.read_schema(source_files[0]) if source_files else pa.schema([])
+    schema = schema or (pq.read_schema(source_files[0]) if source_files else pa.schema([]))
     written, offset = 0, 0
     with pq.ParquetWriter(out_path, schema, **writer_options(schema, scratch)) as writer:
         for path in source_files:
@@ -78,25 +77,29 @@ def _copy_group(parquet, group: int, mask: np.ndarray, schema, writer, batch_row
         if keep.any():
             picked = batch.filter(pa.array(keep))
             if picked.schema != schema:
-                picked = pa.RecordBatch.from_arrays(picked.columns, schema=schema)
+                picked = picked.cast(schema)
             writer.write_batch(picked)
             written += picked.num_rows
     return written
 
 
 def _matched_keys(keys, matched_path, matched_columns, dtypes) -> pl.LazyFrame:
+    """The matched key columns (one file, or a list of files: none means no keys)."""
+    if isinstance(matched_path, (list, tuple)) and not matched_path:
+        return pl.LazyFrame(schema={k: dtypes[k] for k in keys})
+    # No .unique(): an anti-join's result does not depend on duplicate keys on its right,
+    # and deduplicating 7.5M keys first doubled the anti-join's time (measured at 10M).
     return (pl.scan_parquet(matched_path)
             .select([pl.col(m).cast(dtypes[k], strict=False).alias(k)
                      for m, k in zip(matched_columns, keys)])
-            .drop_nulls()
-            .unique())
+            .drop_nulls())
 
 
-def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
-                     matched_columns: Sequence[str], out_path: str,
-                     scratch: bool = False) -> UnmatchedResult:
+def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path,
+                     matched_columns: Sequence[str], out_path: str, scratch: bool = False,
+                     schema: pa.Schema | None = None) -> UnmatchedResult:
     """Full rows through Polars' streaming anti-join, cast back to the source schema."""
-    schema = pq.read_schema(source_files[0])
+    schema = schema or pq.read_schema(source_files[0])
     source = pl.scan_parquet(list(source_files))
     dtypes = source.collect_schema()
     anti = source.join(_matched_keys(keys, matched_path, matched_columns, dtypes), on=list(keys),
@@ -112,42 +115,19 @@ def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_p
     return UnmatchedResult(written, int(nulls))
 
 
-def write_leftovers(leftovers, source_files: Sequence[str], keys: Sequence[str], out_path: str,
-                    scratch: bool = False) -> UnmatchedResult:
-    """Stream a rules job's leftovers (a DataFusion DataFrame: the source minus every pass's
-    keys, kalla/passes.py) into out_path under the source's exact schema.
+def derive_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path,
+                     matched_columns: Sequence[str], out_path: str, scratch: bool = False,
+                     schema: pa.Schema | None = None) -> UnmatchedResult:
+    """Write the rows of source_files whose key is in no matched row to out_path.
 
-    The passes already narrowed each side to the records no rule took, so this reads the
-    small leftovers rather than anti-joining the whole source again. Records whose key has
-    a NULL are never removed by an anti-join: they are here, and counted.
+    matched_path is matched.parquet, or a list of key files (a rules job: kalla/passes.py
+    leaves each side's leftovers and the key files of the passes after them). ``schema`` is
+    the source's schema when source_files are a copy of it; the output is always written
+    under it (plain and uncompressed when it is scratch, rewritten at once by explain).
     """
-    schema = pq.read_schema(source_files[0])
-    written = nulls = 0
-    with pq.ParquetWriter(out_path, schema, **writer_options(schema, scratch)) as writer:
-        for batch in leftovers.execute_stream():
-            rb = batch.to_pyarrow()
-            if not rb.num_rows:
-                continue
-            if rb.schema != schema:
-                rb = pa.RecordBatch.from_arrays(
-                    [c if c.type == f.type else c.cast(f.type) for c, f in zip(rb.columns, schema)],
-                    schema=schema)
-            writer.write_batch(rb)
-            written += rb.num_rows
-            null_key = pc.is_null(rb.column(keys[0]))
-            for key in keys[1:]:
-                null_key = pc.or_(null_key, pc.is_null(rb.column(key)))
-            nulls += pc.sum(null_key).as_py() or 0
-    return UnmatchedResult(written, nulls)
-
-
-def derive_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path: str,
-                     matched_columns: Sequence[str], out_path: str,
-                     scratch: bool = False) -> UnmatchedResult:
-    """Write the unmatched rows to out_path (plain and uncompressed when it is scratch)."""
     try:
-        return stream_unmatched(source_files, keys, matched_path, matched_columns, out_path, scratch)
+        return stream_unmatched(source_files, keys, matched_path, matched_columns, out_path, scratch, schema)
     except (pl.exceptions.PolarsError, pa.ArrowException, ValueError, TypeError) as exc:
         log.info("unmatched rows via key row numbers (%s: %s)", type(exc).__name__, exc)
     rows, null_keys = unmatched_row_numbers(source_files, keys, matched_path, matched_columns)
-    return UnmatchedResult(write_rows(source_files, rows, out_path, scratch=scratch), null_keys)
+    return UnmatchedResult(write_rows(source_files, rows, out_path, scratch=scratch, schema=schema), null_keys)
