@@ -53,6 +53,46 @@ def generate(directory: str, invoices: int, seed: int = 42) -> tuple[str, str]:
     return inv_path, pay_path
 
 
+def generate_batches(directory: str, invoices: int, seed: int = 7) -> tuple[str, str, dict]:
+    """M:1 batch payments: invoices grouped in batches of 1-5 (``batch_ref``); one payment
+    per batch for 90 % of the batches - 80 % with the batch's exact total, 10 % off by
+    0.05-10.00 (no match) - and orphan payments naming no batch (5 %).
+
+    Returns the two paths and the independent expectation for the M:1 job (tolerance 0.02).
+    """
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    sizes = rng.integers(1, 6, invoices)            # more than enough batches
+    ends = np.cumsum(sizes)
+    sizes = sizes[:np.searchsorted(ends, invoices) + 1]
+    sizes[-1] -= int(sizes.sum() - invoices)
+    batches = len(sizes)
+    batch_of = np.repeat(np.arange(1, batches + 1, dtype=np.int64), sizes)
+    cents = rng.integers(1_000, 2_000_000, invoices)
+    totals = np.bincount(batch_of, weights=cents, minlength=batches + 1)[1:].astype(np.int64)
+    kind = rng.random(batches)
+    exact, wrong = kind < 0.80, (kind >= 0.80) & (kind < 0.90)
+    paid_batches = np.flatnonzero(exact | wrong) + 1
+    off = rng.integers(5, 1_001, batches) * rng.choice([-1, 1], batches)
+    paid = np.where(exact, totals, totals + off)[paid_batches - 1]
+    orphans = int(len(paid_batches) * 0.05)
+    refs = np.concatenate([paid_batches, batches + 1 + np.arange(orphans)])
+    paid = np.concatenate([paid, rng.integers(1_000, 2_000_000, orphans)])
+    order = rng.permutation(len(refs))
+    refs, paid = refs[order], paid[order]
+    inv_path = os.path.join(directory, "invoices.parquet")
+    pay_path = os.path.join(directory, "payments.parquet")
+    pq.write_table(pa.table({"invoice_id": np.arange(1, invoices + 1, dtype=np.int64),
+                             "batch_ref": batch_of, "amount": _decimal(cents)}), inv_path)
+    pq.write_table(pa.table({"payment_id": np.arange(1, len(refs) + 1, dtype=np.int64),
+                             "batch_ref": refs, "amount": _decimal(paid)}), pay_path)
+    settled = np.zeros(batches + 1, bool)
+    settled[np.flatnonzero(exact) + 1] = True
+    matched = int(sizes[exact].sum())               # one row per invoice of a settled batch
+    return inv_path, pay_path, {"matched": matched, "unmatched_left": invoices - matched,
+                                "unmatched_right": len(refs) - int(exact.sum())}
+
+
 def expected_counts(directory: str) -> dict:
     """Independent expectation for the 1:1 job, in numpy over the generated files."""
     inv = pq.read_table(os.path.join(directory, "invoices.parquet"), columns=["invoice_id", "amount"])

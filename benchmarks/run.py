@@ -2,8 +2,9 @@
 Polars doing the same job, in the same run, on the same generated data.
 
 Prints a table (median wall time of N runs with min-max, peak RSS of the process tree,
-ratio to DuckDB, Kalla's stage times), checks every tool's counts against an independent
-expectation, and writes benchmarks/results/latest.json.
+ratio to DuckDB, Kalla's stage times, the read and write floors), checks every tool's
+counts against an independent expectation, runs the 1:N and M:1 variants
+(benchmarks/variants.py) and a memory-limited run, and writes benchmarks/results/latest.json.
 
 Usage: run.py [--quick | --smoke] [--sizes 1000000,10000000] [--runs 3]
 """
@@ -94,10 +95,10 @@ def bench_size(n: int, runs: int, data_root: str, memory: dict | None, tools) ->
     env = {k: v for k, v in os.environ.items() if not k.startswith("KALLA_")}
     if memory:
         env["KALLA_WORKER_MEMORY"] = memory["kalla"]
-    results = {}
+    results, floor = {}, None
     for tool in tools:
         samples = []
-        for _ in range(runs):
+        for run in range(runs):
             with tempfile.TemporaryDirectory(dir=data_root) as work:
                 out = os.path.join(work, "out")
                 os.makedirs(out)
@@ -109,10 +110,41 @@ def bench_size(n: int, runs: int, data_root: str, memory: dict | None, tools) ->
                     raise RuntimeError(f"{tool} counts {got} != expected {want}")
                 if tool == "kalla":
                     sample["stages"] = json.loads(sample["stdout"])["stage_seconds"]
+                    if run == runs - 1 and not memory:
+                        floor = floors(inv, pay, out)
                 samples.append(sample)
         results[tool] = summarize(samples)
     return {"rows": n, "payments": pq.read_metadata(pay).num_rows, "expected": expected,
-            "memory": memory, "tools": results}
+            "memory": memory, "tools": results, "floors": floor}
+
+
+def floors(inv: str, pay: str, outdir: str, runs: int = 3) -> dict:
+    """The I/O floors of the job: pyarrow reading both inputs, and writing the three outputs
+    (Kalla's, with its writer options) in parallel from memory. Medians of ``runs``."""
+    import pyarrow as pa
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, ROOT)
+    from kalla.outputs import writer_options
+
+    def timed(fn) -> float:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    read = statistics.median(timed(lambda: (pq.read_table(inv), pq.read_table(pay))) for _ in range(runs))
+    tables = {name: pq.read_table(os.path.join(outdir, f"{name}.parquet"))
+              for name in ("matched", "unmatched_left", "unmatched_right")}
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(outdir)) as scratch:
+        def write_all():
+            with ThreadPoolExecutor(3) as pool:
+                list(pool.map(lambda item: pq.write_table(item[1], os.path.join(scratch, item[0]),
+                                                          **writer_options(item[1].schema)),
+                              tables.items()))
+        write = statistics.median(timed(write_all) for _ in range(runs))
+    del tables
+    pa.default_memory_pool().release_unused()
+    return {"read_s": read, "write_s": write}
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -140,6 +172,12 @@ def print_table(report: dict) -> None:
         stages = entry["tools"].get("kalla", {}).get("stages_median_s")
         if stages:
             print("  kalla stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()))
+        floor = entry.get("floors")
+        if floor and "kalla" in entry["tools"]:
+            total = floor["read_s"] + floor["write_s"]
+            print(f"  floors: read both inputs {floor['read_s']:.2f}s + write the three outputs in parallel "
+                  f"{floor['write_s']:.2f}s = {total:.2f}s; kalla / floors "
+                  f"{entry['tools']['kalla']['median_s'] / total:.2f}x")
 
 
 def main() -> None:
@@ -159,15 +197,16 @@ def main() -> None:
     tools = args.tools.split(",")
     os.makedirs(args.data, exist_ok=True)
     results = [bench_size(n, args.runs, args.data, None, tools) for n in sizes]
+    from variants import run_batches, run_split
+    split = run_split(os.path.join(args.data, f"n{min(sizes)}"), args.runs)
+    batches = run_batches(args.data, min(sizes), args.runs)
     if not args.smoke:
-        from variants import run_split
-        split = run_split(os.path.join(args.data, f"n{min(sizes)}"), args.runs)
         limited = {"kalla": "1GiB", "duckdb": "1GB"}
         results.append(bench_size(max(sizes), args.runs, args.data, limited,
                                   [t for t in tools if t != "polars"]))
     report = {"machine": {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
                           "python": platform.python_version(), "platform": platform.platform()},
-              "results": results, "split_payments": None if args.smoke else split}
+              "results": results, "split_payments": split, "batch_payments": batches}
     print_table(report)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "smoke.json" if args.smoke else "latest.json"), "w") as fh:

@@ -1,7 +1,8 @@
 """The benchmark script runs end to end on tiny data (no timing is asserted: it must not rot).
 
 benchmarks/run.py checks every tool's three counts against an independent numpy model and
-fails if one differs, so this also cross-checks Kalla against DuckDB and Polars."""
+fails if one differs, so this also cross-checks Kalla against DuckDB and Polars, and on the
+1:N and M:1 variants against DuckDB."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,12 @@ def test_benchmark_smoke(tmp_path):
     tools = report["results"][0]["tools"]
     assert set(tools) == {"kalla", "duckdb", "polars"}
     assert set(tools["kalla"]["stages_median_s"]) >= {"staging", "matching", "unmatched"}
+    floors = report["results"][0]["floors"]
+    assert floors["read_s"] > 0 and floors["write_s"] > 0
+    # the 1:N and M:1 variants ran, and both tools agreed (the script checks, M:1 against
+    # the generator's own expectation)
+    assert report["split_payments"]["counts"]["matched"] > 0
+    assert report["batch_payments"]["counts"]["matched"] > 0
 
 
 def test_explain_benchmark_smoke(tmp_path):
