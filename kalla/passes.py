@@ -7,10 +7,10 @@ rule by rule:
    matched.parquet, and the keys of the records they use into small per-side key files;
 2. a ``one_to_one`` rule first lands in a scratch file: every pair whose left or right
    record is in more than one of its pairs is held back (those records stay available);
-3. each side's records so far, anti-joined on the primary key with this pass's key file,
-   are written to a scratch file and the alias re-registered on it: later rules read only
-   the leftovers (DataFusion streams, and with the sort-merge strategy spills, the
-   anti-join; memory holds a batch).
+3. each side's alias is narrowed to the records so far minus this pass's keys: a view
+   (a DataFusion anti-join with the key file, streamed and, with the sort-merge strategy,
+   spilled) or, where later rules would scan more through views than a copy costs, a
+   scratch copy of the leftovers (a Polars anti-join, as in the unmatched stage).
 
 matched.parquet is the union of the passes by column name (a column a pass lacks is null)
 plus ``match_rule``. Each source's key columns get the name the first rule gave them, so
@@ -247,23 +247,23 @@ def narrow(ctx, job, p: Pass, key_paths: dict[str, str], rows: dict[str, int], l
     only the leftovers). ``rows`` holds each side's estimated record count; ``base`` and
     ``key_files`` each side's last copy and the key files since: all updated here.
     """
-    copy = {alias: later > 0 and worth_copying(rows[alias], p.rows, later) for alias in key_paths}
-    remaining = {alias: _remaining(ctx, job, p, alias, path) for alias, path in key_paths.items()}
-    with ThreadPoolExecutor(max(1, sum(copy.values()))) as pool:
-        copied = {alias: pool.submit(_copy, job, p, alias, remaining[alias])
-                  for alias in key_paths if copy[alias]}
+    for alias, path in key_paths.items():
+        key_files.setdefault(alias, []).append(path)
+    copy = [alias for alias in key_paths if later > 0 and worth_copying(rows[alias], p.rows, later)]
+    with ThreadPoolExecutor(max(1, len(copy))) as pool:
+        copied = {alias: pool.submit(_copy, job, p, alias, base, key_files[alias]) for alias in copy}
         written = {alias: future.result() for alias, future in copied.items()}
     for alias in key_paths:
-        name = alias.lower()
-        ctx.deregister_table(name)
         if alias in written:
             path, rows[alias] = written[alias]
+            ctx.deregister_table(alias.lower())
             register_parquet(ctx, alias, path)
             base[alias], key_files[alias] = path, []
             _drop_scratch(job, alias, keep=path)    # nothing reads earlier copies or key files
         else:
-            ctx.register_view(name, remaining[alias])
-            key_files.setdefault(alias, []).append(key_paths[alias])
+            remaining = _remaining(ctx, job, p, alias, key_paths[alias])
+            ctx.deregister_table(alias.lower())
+            ctx.register_view(alias.lower(), remaining)
             rows[alias] = max(0, rows[alias] - p.rows)
 
 
@@ -288,14 +288,20 @@ def _remaining(ctx, job, p: Pass, alias: str, key_path: str):
     return ctx.sql(f"SELECT s.* FROM {_quote(alias.lower())} s LEFT ANTI JOIN {_quote(keys)} k ON {on}")
 
 
-def _copy(job, p: Pass, alias: str, remaining) -> tuple[str, int]:
-    """Write the leftovers with DataFusion's own Parquet writer (no batch crosses into Python)."""
-    from datafusion import DataFrameWriteOptions, ParquetWriterOptions
+def _copy(job, p: Pass, alias: str, base: dict[str, str], key_files: list[str]) -> tuple[str, int]:
+    """The side's records so far minus the keys in key_files, into a scratch file.
+
+    The same Polars anti-join as the unmatched stage (kalla/unmatched.py), from the side's
+    last copy (or its source) and the key files since; written plain and uncompressed,
+    under the source's exact schema, so later rules see the types they were planned with.
+    """
+    from .unmatched import derive_unmatched
     path = os.path.join(job.scratch, f"left-{alias}-{p.index}.parquet")
-    remaining.write_parquet(path, ParquetWriterOptions(compression="uncompressed", dictionary_enabled=False,
-                                                       max_row_group_size=131072),
-                            write_options=DataFrameWriteOptions(single_file_output=True))
-    return path, pq.read_metadata(path).num_rows
+    files = [base[alias]] if alias in base else job.staged[alias]
+    keys = list(job.spec.primary_keys[alias])
+    result = derive_unmatched(files, keys, key_files, keys, path, scratch=True,
+                              schema=pq.read_schema(job.staged[alias][0]))
+    return path, result.rows
 
 
 def _drop_scratch(job, alias: str, keep: str) -> None:
