@@ -231,7 +231,9 @@ def copy_rows(path: str, rows: np.ndarray, write) -> None:
         size = parquet.metadata.row_group(group).num_rows
         lo, hi = np.searchsorted(rows, [offset, offset + size])
         if hi > lo:
-            table = parquet.read_row_group(group).take(pa.array(rows[lo:hi] - offset))
+            table = parquet.read_row_group(group)
+            if hi - lo < size:          # all kept (the usual case): no copy
+                table = table.take(pa.array(rows[lo:hi] - offset))
             for batch in table.to_batches():
                 write(batch)
         offset += size

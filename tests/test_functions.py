@@ -160,6 +160,15 @@ def test_normalize_ref(ctx):
                    a=pa.array(["inv-00123 ", "INV00123", " In v/001-23", "---", "", None, "Société n°5"]))
     assert got == ["INV00123", "INV00123", "INV00123", "", "", None, "SOCIÉTÉN5"]
     assert evaluate(ctx, "normalize_ref(a)", a=pa.array([123, None])) == ["123", None]
+    # integers take a shortcut (no regular expression); it must agree with the general path
+    for typ in (pa.int8(), pa.int32(), pa.int64(), pa.uint16(), pa.uint64()):
+        values = [0, 7, 120, None] + ([-5, -128] if pa.types.is_signed_integer(typ) else [255])
+        expected = [None if v is None else str(abs(v)) for v in values]
+        assert evaluate(ctx, "normalize_ref(a)", a=pa.array(values, typ)) == expected
+    assert evaluate(ctx, "normalize_ref(a)", a=pa.array([-9223372036854775808], pa.int64())) == \
+        ["9223372036854775808"]
+    assert evaluate(ctx, "normalize_ref(a) = normalize_ref(b)", a=pa.array([-12, 12]),
+                    b=pa.array(["12", "1-2"])) == [True, True]
     assert evaluate(ctx, "normalize_ref(a) = normalize_ref('inv 00123')",
                     a=pa.array(["INV-00123"], pa.large_string())) == [True]
 
