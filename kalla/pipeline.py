@@ -79,7 +79,7 @@ class Job:
 def derive(job: Job) -> None:
     if job.unmatched:        # the engine derived them on the cluster (kalla/engines)
         return
-    from .unmatched import derive_unmatched      # preloaded above
+    from .unmatched import derive_unmatched, fits_side_by_side      # preloaded above
     left, right = job.spec.left.alias, job.spec.right.alias
     matched = job.outputs.partial("matched")
 
@@ -99,7 +99,12 @@ def derive(job: Job) -> None:
                                       scratch=explain)
         return result, (explain_file(job, rules, index) if explain else None)
 
-    with ThreadPoolExecutor(2) as pool:
+    # Each Polars anti-join holds the matched keys in a hash table; both at once only when
+    # that fits the budget (Polars parallelises each one anyway: at 10M, one after the other
+    # took as long and peaked ~350 MB lower).
+    keys = max(len(job.spec.primary_keys[left]), len(job.spec.primary_keys[right]))
+    together = fits_side_by_side(job.matched_count, keys, job.memory_bytes)
+    with ThreadPoolExecutor(2 if together else 1) as pool:
         futures = {side: pool.submit(one, i, side, alias)
                    for i, (side, alias) in enumerate((("left", left), ("right", right)))}
         done = {side: f.result() for side, f in futures.items()}
