@@ -69,3 +69,28 @@ def test_disk_full_while_writing_outputs(tmp_path, settings, tiny_disk):
     # the same process keeps working once there is room
     result = run_job(make_job(tmp_path, tmp_path / "roomy", n=100_000), settings)
     assert result["matched_count"] == 100_000
+
+
+@pytest.mark.parametrize("explain", [False, True])
+def test_unmatched_sides_one_after_the_other_write_the_same_files(tmp_path, settings, monkeypatch, explain):
+    """Under a tight budget the two anti-joins run one after the other: same files."""
+    import kalla.unmatched as unmatched
+    decisions = []
+    real = unmatched.fits_side_by_side
+    monkeypatch.setattr(unmatched, "fits_side_by_side", lambda *a: decisions.append(real(*a)) or decisions[-1])
+
+    def run(out):
+        job = make_job(tmp_path, out, n=3000, sql="SELECT l.id, r.rid FROM l JOIN r ON l.id = r.ref WHERE l.id % 3 = 0")
+        job = job.__class__(**{**job.__dict__, "explain": explain})
+        result = run_job(job, settings)
+        return result, {side: pq.read_table(result["output_paths"][side])
+                        for side in ("unmatched_left", "unmatched_right")}
+
+    together, files = run(tmp_path / "together")
+    monkeypatch.setattr(unmatched, "UNMATCHED_SHARE", 0.0)
+    apart, files_apart = run(tmp_path / "apart")
+    assert decisions == [True, False]
+    assert apart["unmatched_left_count"] == together["unmatched_left_count"] == 2000
+    for side in files:     # (explain's join may order rows differently: compare sorted)
+        key = files[side].schema.names[0]
+        assert files_apart[side].sort_by(key).equals(files[side].sort_by(key))
