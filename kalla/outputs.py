@@ -91,6 +91,11 @@ def _remove(path: str) -> None:
         pass
 
 
+# Row groups of the outputs: DuckDB writes 122,880 rows; pyarrow's own default is 1M rows.
+ROW_GROUP_ROWS = 131072
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+
+
 def writer_options(schema, scratch: bool = False) -> dict:
     """Parquet options for Kalla's outputs: snappy, and dictionary encoding only for text
     and binary columns - on unique ids and amounts it is wasted work (~40 % of write time).
@@ -111,11 +116,12 @@ class Background:
     at close; leaving the ``with`` block on an exception stops the thread and runs ``done``.
     """
 
-    def __init__(self, consume, done=lambda: None, depth: int = 4, name: str = "parquet-writer"):
+    def __init__(self, consume, done=lambda: None, depth: int = 4, name: str = "parquet-writer",
+                 abort=None):
         import queue
         import threading
 
-        self._consume, self._done = consume, done
+        self._consume, self._done, self._abort = consume, done, abort or done
         self._queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -151,13 +157,60 @@ class Background:
         self._error = self._error or exc
         self._queue.put(None)
         self._thread.join()
-        self._done()
+        self._abort()
+
+
+class RowGroups:
+    """Batches gathered into row groups before they reach a Parquet writer.
+
+    Every ``write_batch`` of pyarrow's writer ends a row group: streamed 8192-row batches made
+    a 7.5M-row matched.parquet of 1,058 row groups. Gathering up to ROW_GROUP_ROWS rows (or
+    ROW_GROUP_BYTES, whichever comes first) gives readers a few large row groups; memory
+    holds one row group at most.
+    """
+
+    def __init__(self, writer, rows: int = ROW_GROUP_ROWS, nbytes: int = ROW_GROUP_BYTES):
+        self.writer, self.max_rows, self.max_bytes = writer, rows, nbytes
+        self._batches: list = []
+        self._rows = self._bytes = 0
+
+    def write_batch(self, batch) -> None:
+        self._batches.append(batch)
+        self._rows += batch.num_rows
+        self._bytes += batch.nbytes
+        if self._rows >= self.max_rows or self._bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batches:
+            import pyarrow as pa
+            table = pa.Table.from_batches(self._batches, schema=self._batches[0].schema)
+            self.writer.write_table(table, row_group_size=max(self._rows, 1))
+            self._batches, self._rows, self._bytes = [], 0, 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+    def __enter__(self):
+        return self
+
+    def abort(self) -> None:
+        """The file is abandoned: close it without writing what is buffered."""
+        self._batches = []
+        self.writer.close()
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class BackgroundWriter(Background):
-    """A Parquet file (the outputs' options) written by a Background thread."""
+    """A Parquet file (the outputs' options, large row groups) written by a Background thread."""
 
     def __init__(self, path: str, schema, depth: int = 4):
         import pyarrow.parquet as pq
-        writer = pq.ParquetWriter(path, schema, **writer_options(schema))
-        super().__init__(writer.write_batch, writer.close, depth)
+        groups = RowGroups(pq.ParquetWriter(path, schema, **writer_options(schema)))
+        super().__init__(groups.write_batch, groups.close, depth, abort=groups.abort)

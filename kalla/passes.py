@@ -30,7 +30,7 @@ from .engine import plan_match, register_parquet
 from .errors import MatchError
 from .keys import resolve_key_columns
 from .matching import execution_errors, output_schema, stream_batches
-from .outputs import Background, writer_options
+from .outputs import Background, RowGroups, writer_options
 from .rules import MATCH_RULE_COLUMN, RuleSpec
 
 
@@ -54,12 +54,12 @@ def run_rules(job, ctx) -> None:
     passes = [plan_pass(job, ctx, rule, i, sides) for i, rule in enumerate(job.spec.rules)]
     job.key_columns = canonical_keys(passes, sides)
     schema = union_schema(passes)
-    writer = pq.ParquetWriter(job.outputs.partial("matched"), schema, **writer_options(schema))
+    writer = RowGroups(pq.ParquetWriter(job.outputs.partial("matched"), schema, **writer_options(schema)))
     # One writer thread for every pass: a pass's last batches are encoded while the next
     # rule already runs. The queue holds (pass, batch) items; its depth bounds the memory.
     with execution_errors("rules"), \
             Background(lambda item: writer.write_batch(_conform(item[1], item[0], schema)),
-                       writer.close, depth=16) as union:
+                       writer.close, depth=16, abort=writer.abort) as union:
         rows = {alias: job.source_rows.get(alias, 0) for alias in sides}   # an estimate
         base: dict[str, str] = {}                 # alias -> the last copy of its leftovers
         key_files: dict[str, list[str]] = {}      # alias -> key files of the passes since

@@ -17,6 +17,7 @@ from .connectors import connector_for
 from .connectors.local import ParquetConnector, RestartRead
 from .engine import make_context, plan_match
 from .errors import InvalidInput, MatchError, SourceError
+from .outputs import RowGroups
 from .filters import bind_filters
 from .keys import resolve_key_columns
 
@@ -97,12 +98,12 @@ def _stage_one(job, source) -> None:
 def _write_batches(job, connector, filters, progress, path) -> int:
     schema = connector.schema()
     rows = 0
-    with pq.ParquetWriter(path, schema, compression="lz4") as writer:
+    with RowGroups(pq.ParquetWriter(path, schema, compression="lz4"), rows=ROW_GROUP_ROWS) as writer:
         for batch in connector.batches(filters, progress):
             job.check_cancelled()
             if batch.schema != schema:
                 batch = pa.Table.from_batches([batch]).cast(schema).to_batches()[0] if batch.num_rows else batch
-            writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            writer.write_batch(batch)
             rows += batch.num_rows
     return rows
 

@@ -94,3 +94,14 @@ def test_unmatched_sides_one_after_the_other_write_the_same_files(tmp_path, sett
     for side in files:     # (explain's join may order rows differently: compare sorted)
         key = files[side].schema.names[0]
         assert files_apart[side].sort_by(key).equals(files[side].sort_by(key))
+
+
+def test_outputs_have_large_row_groups_not_one_per_batch(tmp_path, settings, monkeypatch):
+    """DataFusion streams 8192-row batches; matched.parquet gathers them into row groups."""
+    import kalla.outputs as outputs
+    monkeypatch.setattr(outputs.RowGroups.__init__, "__defaults__", (20_000, outputs.ROW_GROUP_BYTES))
+    result = run_job(make_job(tmp_path, tmp_path / "out", n=50_000), settings)
+    matched = pq.ParquetFile(result["output_paths"]["matched"])
+    assert matched.metadata.num_rows == 50_000
+    sizes = [matched.metadata.row_group(i).num_rows for i in range(matched.num_row_groups)]
+    assert len(sizes) >= 2 and all(size >= 20_000 for size in sizes[:-1]), sizes
