@@ -121,7 +121,6 @@ def bench_size(n: int, runs: int, data_root: str, memory: dict | None, tools) ->
 def floors(inv: str, pay: str, outdir: str, runs: int = 3) -> dict:
     """The I/O floors of the job: pyarrow reading both inputs, and writing the three outputs
     (Kalla's, with its writer options) in parallel from memory. Medians of ``runs``."""
-    import pyarrow as pa
     from concurrent.futures import ThreadPoolExecutor
 
     sys.path.insert(0, ROOT)
@@ -142,8 +141,6 @@ def floors(inv: str, pay: str, outdir: str, runs: int = 3) -> dict:
                                                           **writer_options(item[1].schema)),
                               tables.items()))
         write = statistics.median(timed(write_all) for _ in range(runs))
-    del tables
-    pa.default_memory_pool().release_unused()
     return {"read_s": read, "write_s": write}
 
 
