@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from .decompose import NotDecomposable, Rule, decompose
 from .engine import make_context, read_only_options, register_parquet
-from .outputs import BackgroundWriter
+from .outputs import BackgroundWriter, row_group_bytes
 from .sqltext import rewrite_functions
 
 REASONS = ("null_key", "no_candidate", "rule_failed", "ambiguous", "unexplained")
@@ -107,7 +107,7 @@ def explain_side(staged: dict, sources: tuple, primary_keys: dict, rules: Sequen
         except NotDecomposable as exc:
             why[rule.name] = str(exc)
     sql = _final_sql(decomposed, side, keys, other_keys, why, rules)
-    counts = _stream(ctx.sql_with_options(sql, read_only_options()), out_path)
+    counts = _stream(ctx.sql_with_options(sql, read_only_options()), out_path, row_group_bytes(memory_bytes))
     return {"reasons": {r: counts[r] for r in REASONS if counts.get(r)}, "unexplained_rules": why}
 
 
@@ -140,10 +140,10 @@ def _final_sql(decomposed, side, keys, other_keys, why, rules) -> str:
       FROM __kalla_unmatched u LEFT JOIN ({best}) b ON {on}"""
 
 
-def _stream(df, out_path: str) -> dict[str, int]:
+def _stream(df, out_path: str, buffer_bytes: int) -> dict[str, int]:
     """Write the query's rows to out_path (encoded on a writer thread); count the reasons."""
     counts: dict[str, int] = {}
-    with BackgroundWriter(out_path, df.schema()) as writer:
+    with BackgroundWriter(out_path, df.schema(), row_group_bytes=buffer_bytes) as writer:
         for batch in df.execute_stream():
             rb = batch.to_pyarrow()
             if rb.num_rows:

@@ -14,7 +14,7 @@ import pyarrow as pa
 from .engines import engine_name
 from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet
 from .errors import KallaError, MatchError
-from .outputs import BackgroundWriter
+from .outputs import BackgroundWriter, row_group_bytes
 
 # Share of the job's memory budget given to DataFusion's pool; the rest covers Arrow
 # buffers outside the pool, the Parquet writer and the Polars anti-joins.
@@ -55,7 +55,8 @@ def run_match(job) -> None:
     # source is the estimate reported (capped below 1.0 until the stream is done).
     expected = max(1, min(job.source_rows.values(), default=1))
     with execution_errors("match_sql"), \
-            BackgroundWriter(job.outputs.partial("matched"), output_schema(df)) as out:
+            BackgroundWriter(job.outputs.partial("matched"), output_schema(df),
+                             row_group_bytes=row_group_bytes(job.memory_bytes)) as out:
         job.matched_count = stream_batches(
             job, df, out.write_batch,
             lambda rows: {"stage": "matching", "progress": round(min(0.99, rows / expected), 4),

@@ -96,6 +96,15 @@ ROW_GROUP_ROWS = 131072
 ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 
+def row_group_bytes(budget_bytes: int) -> int:
+    """The most a writer buffers for one row group: 64 MiB, or 1/16 of a small budget.
+
+    >>> row_group_bytes(1024**3) // 2**20, row_group_bytes(64 * 2**20) // 2**20
+    (64, 4)
+    """
+    return max(1 << 20, min(ROW_GROUP_BYTES, budget_bytes // 16))
+
+
 def writer_options(schema, scratch: bool = False) -> dict:
     """Parquet options for Kalla's outputs: snappy, and dictionary encoding only for text
     and binary columns - on unique ids and amounts it is wasted work (~40 % of write time).
@@ -210,7 +219,7 @@ class RowGroups:
 class BackgroundWriter(Background):
     """A Parquet file (the outputs' options, large row groups) written by a Background thread."""
 
-    def __init__(self, path: str, schema, depth: int = 4):
+    def __init__(self, path: str, schema, depth: int = 4, row_group_bytes: int = ROW_GROUP_BYTES):
         import pyarrow.parquet as pq
-        groups = RowGroups(pq.ParquetWriter(path, schema, **writer_options(schema)))
+        groups = RowGroups(pq.ParquetWriter(path, schema, **writer_options(schema)), nbytes=row_group_bytes)
         super().__init__(groups.write_batch, groups.close, depth, abort=groups.abort)

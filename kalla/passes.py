@@ -30,7 +30,7 @@ from .engine import plan_match, register_parquet
 from .errors import MatchError
 from .keys import resolve_key_columns
 from .matching import execution_errors, output_schema, stream_batches
-from .outputs import Background, RowGroups, writer_options
+from .outputs import Background, RowGroups, row_group_bytes, writer_options
 from .rules import MATCH_RULE_COLUMN, RuleSpec
 
 
@@ -54,7 +54,8 @@ def run_rules(job, ctx) -> None:
     passes = [plan_pass(job, ctx, rule, i, sides) for i, rule in enumerate(job.spec.rules)]
     job.key_columns = canonical_keys(passes, sides)
     schema = union_schema(passes)
-    writer = RowGroups(pq.ParquetWriter(job.outputs.partial("matched"), schema, **writer_options(schema)))
+    writer = RowGroups(pq.ParquetWriter(job.outputs.partial("matched"), schema, **writer_options(schema)),
+                       nbytes=row_group_bytes(job.memory_bytes))
     # One writer thread for every pass: a pass's last batches are encoded while the next
     # rule already runs. The queue holds (pass, batch) items; its depth bounds the memory.
     with execution_errors("rules"), \

@@ -17,7 +17,7 @@ from .connectors import connector_for
 from .connectors.local import ParquetConnector, RestartRead
 from .engine import make_context, plan_match
 from .errors import InvalidInput, MatchError, SourceError
-from .outputs import RowGroups
+from .outputs import RowGroups, row_group_bytes
 from .filters import bind_filters
 from .keys import resolve_key_columns
 
@@ -98,7 +98,8 @@ def _stage_one(job, source) -> None:
 def _write_batches(job, connector, filters, progress, path) -> int:
     schema = connector.schema()
     rows = 0
-    with RowGroups(pq.ParquetWriter(path, schema, compression="lz4"), rows=ROW_GROUP_ROWS) as writer:
+    with RowGroups(pq.ParquetWriter(path, schema, compression="lz4"), rows=ROW_GROUP_ROWS,
+                   nbytes=row_group_bytes(job.memory_bytes)) as writer:
         for batch in connector.batches(filters, progress):
             job.check_cancelled()
             if batch.schema != schema:
