@@ -67,7 +67,7 @@ def run_rules(job, ctx) -> None:
         for p in passes:
             job.check_cancelled()
             later = len(passes) - 1 - p.index
-            sink = PassSink(job, p, union, schema, sides)
+            sink = PassSink(job, p, union, sides)
             run_pass(job, ctx, p, sink, len(passes))
             if p.rows:     # nothing matched: the next rule sees the same records
                 narrow(ctx, job, p, sink.key_paths, rows, later, base, key_files)
@@ -138,10 +138,11 @@ def _common_type(name: str, first: pa.DataType, first_pass: Pass, other: pa.Data
 
 class PassSink:
     """Where a pass's pairs go: to matched.parquet's writer thread, and each side's key
-    columns, under the source's own names and types, into a key file. Key files are scratch, read once by narrow(): written plain and uncompressed
-    right here (cheap), so they are complete as soon as the pass ends."""
+    columns, under the source's own names and types, into a key file. Key files are
+    scratch, read by narrow() and the unmatched stage: written plain and uncompressed right
+    here (cheap), so they are complete as soon as the pass ends."""
 
-    def __init__(self, job, p: Pass, union: Background, schema: pa.Schema, sides: list[str]):
+    def __init__(self, job, p: Pass, union: Background, sides: list[str]):
         self.p, self.union = p, union
         self.rows = 0
         self.key_paths = {alias: os.path.join(job.scratch, f"keys-{alias}-{p.index}.parquet")
