@@ -315,12 +315,6 @@ def _drop_scratch(job, alias: str, keep: str) -> None:
             os.remove(path)
 
 
-def _as_source(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """A leftover batch under the source's exact schema (names, types, nullability)."""
-    return pa.RecordBatch.from_arrays(
-        [c if c.type == f.type else c.cast(f.type) for c, f in zip(batch.columns, schema)], schema=schema)
-
-
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
