@@ -152,9 +152,10 @@ class Background:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-        self._done()
-        if self._error is not None:
+        if self._error is not None:      # a write failed: the file is abandoned
+            self._abort()
             raise self._error
+        self._done()
 
     def __enter__(self):
         return self
@@ -198,8 +199,12 @@ class RowGroups:
             self._batches, self._rows, self._bytes = [], 0, 0
 
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
+        try:
+            self.flush()
+        except BaseException:
+            self.abort()
+            raise
+        close_writer(self.writer)
 
     def __enter__(self):
         return self
@@ -207,13 +212,30 @@ class RowGroups:
     def abort(self) -> None:
         """The file is abandoned: close it without writing what is buffered."""
         self._batches = []
-        self.writer.close()
+        try:
+            close_writer(self.writer)
+        except OSError:
+            pass        # the write that failed has already said why
 
     def __exit__(self, kind, exc, tb) -> None:
         if kind is None:
             self.close()
         else:
             self.abort()
+
+
+def close_writer(writer) -> None:
+    """Close a pyarrow ParquetWriter, and its file even when finishing it fails.
+
+    pyarrow's close() leaves the file open when writing the footer raises (a full disk):
+    the descriptor would outlive the job and keep the filesystem busy.
+    """
+    try:
+        writer.close()
+    finally:
+        handle = getattr(writer, "file_handle", None)
+        if handle is not None and not handle.closed:
+            handle.close()
 
 
 class BackgroundWriter(Background):

@@ -57,7 +57,9 @@ def tiny_disk(tmp_path):
             pytest.fail("CI runs as root and must be able to mount a small tmpfs")
         pytest.skip("needs root to mount a size-limited tmpfs")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    unmounted = subprocess.run(["umount", str(mount)], capture_output=True, text=True)
+    # "target is busy": a writer left a file on the full disk open
+    assert unmounted.returncode == 0, unmounted.stderr
 
 
 def test_disk_full_while_writing_outputs(tmp_path, settings, tiny_disk):
