@@ -300,7 +300,7 @@ def test_a_sigkilled_worker_fails_its_job_and_is_replaced(capped):
 # ---------------------------------------------------------------------- the whole service
 
 
-def test_service_sigkilled_and_restarted_completes_every_job_exactly_once(harness_factory):
+def test_service_sigkilled_and_restarted_runs_every_job_to_one_result(harness_factory):
     harness = harness_factory({"KALLA_WORKERS": "2"}, name="crash")
     server, listener = harness.server, harness.listener
     kinds = ["ok", "ok", "medium", "ok", "ok", "medium", "ok", "ok", "medium", "ok"]
@@ -311,6 +311,7 @@ def test_service_sigkilled_and_restarted_completes_every_job_exactly_once(harnes
     server.wait_running(mediums[0]["run_id"], stage="matching")
     server.proc.kill()                                       # no drain, no cleanup
     server.proc.wait()
+    killed_at = time.monotonic()
     done_before = {j["run_id"] for j in jobs if any(map(is_terminal, listener.bodies(j["run_id"])))}
     assert len(done_before) < len(jobs), "every job finished before the crash: nothing tested"
     server.start()
@@ -322,8 +323,18 @@ def test_service_sigkilled_and_restarted_completes_every_job_exactly_once(harnes
         server.wait_delivered(job["run_id"])
     terminals = Counter(r["body"]["run_id"] for r in listener.records
                         if is_terminal(r["body"]) and r["status"] == 200)
-    assert all(terminals[j["run_id"]] == 1 for j in jobs), terminals
     statuses = [server.status(j["run_id"]) for j in jobs]
+    # Exactly one terminal callback per job - except the documented crash window
+    # (docs/api.md): a callback the receiver got just before the SIGKILL, whose 200 the
+    # service had not yet recorded, is sent again at restart. Then it is the same body, it
+    # reached the receiver before the kill, and the job did not run a second time.
+    for job, status in zip(jobs, statuses):
+        got = [r for r in listener.records if r["body"].get("run_id") == job["run_id"]
+               and is_terminal(r["body"]) and r["status"] == 200]
+        assert 1 <= len(got) <= 2, terminals
+        if len(got) == 2:    # in flight at the kill: received at most 2 s before it
+            assert 0 <= killed_at - got[0]["at"] < 2.0 and got[1]["body"] == got[0]["body"], got
+            assert status["attempts"] == 1, status
     assert all(s["status"] == "completed" for s in statuses)
     assert any(s["attempts"] == 2 for s in statuses)        # the interrupted one ran again
     assert wait_until(lambda: scratch_is_empty(server))
