@@ -99,8 +99,8 @@ def derive(job: Job) -> None:
                                       scratch=explain)
         return result, (explain_file(job, rules, index) if explain else None)
 
-    # Each Polars anti-join holds the matched keys in a hash table and parallelises itself:
-    # both at once only for small matches that fit the budget (unmatched.fits_side_by_side).
+    # Each Polars anti-join holds the matched keys in a hash table: both at once only when
+    # that fits the budget (unmatched.fits_side_by_side).
     keys = max(len(job.spec.primary_keys[left]), len(job.spec.primary_keys[right]))
     together = fits_side_by_side(job.matched_count, keys, job.memory_bytes)
     with ThreadPoolExecutor(2 if together else 1) as pool:

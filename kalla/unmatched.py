@@ -24,14 +24,12 @@ from .outputs import writer_options
 ROW = "__kalla_row"
 BATCH_ROWS = 65536
 # Resident memory of one Polars anti-join per matched row and key column, measured at 10M
-# (7.5M matched int64 keys: ~650 MB above the process's baseline), rounded up.
+# with 7.5M matched int64 keys: ~650 MB above the process's baseline for a join (composite
+# keys), ~300 MB for the set-membership filter (single keys). The join's figure, rounded up.
 ANTI_JOIN_BYTES_PER_KEY = 100
 # Share of the job's memory budget the unmatched stage plans for: DataFusion's pool is idle
 # by then, but what its allocator keeps from the match still counts in the process's RSS.
 UNMATCHED_SHARE = 0.4
-# Above this many matched rows the two anti-joins run one after the other (measured: see
-# fits_side_by_side).
-SIDE_BY_SIDE_ROWS = 1_000_000
 log = logging.getLogger("kalla.unmatched")
 
 
@@ -163,20 +161,18 @@ def _polars_writes_schema(source: pl.LazyFrame, schema: pa.Schema, out_path: str
 
 
 def fits_side_by_side(matched_rows: int, key_columns: int, budget_bytes: int) -> bool:
-    """True when running both sides' anti-joins at once pays and fits the budget's share.
+    """True when both sides' anti-joins at once fit the unmatched stage's share of the budget.
 
-    Polars parallelises each anti-join itself: running the two at once helped at 750k
-    matched rows (unmatched stage 0.135-0.144 s vs 0.156-0.22 s, 5 pairs of runs) and
-    hurt from 2.25M (0.35-0.38 s vs 0.33-0.35 s) to 7.5M (1.35-1.39 s vs 1.25 s, and
-    ~500 MB more RSS).
+    Side by side was faster whenever it fits (at 10M, 0.62-0.67 s vs 0.70-0.71 s one after
+    the other, for ~150 MB more); under a tight budget the sides take turns.
 
     >>> fits_side_by_side(750_000, 1, 8 * 1024**3), fits_side_by_side(750_000, 1, 64 * 1024**2)
     (True, False)
-    >>> fits_side_by_side(7_500_000, 1, 8 * 1024**3)
-    False
+    >>> fits_side_by_side(7_500_000, 1, 8 * 1024**3), fits_side_by_side(7_500_000, 1, 1024**3)
+    (True, False)
     """
     need = 2 * ANTI_JOIN_BYTES_PER_KEY * max(1, key_columns) * matched_rows
-    return matched_rows <= SIDE_BY_SIDE_ROWS and need <= budget_bytes * UNMATCHED_SHARE
+    return need <= budget_bytes * UNMATCHED_SHARE
 
 
 def derive_unmatched(source_files: Sequence[str], keys: Sequence[str], matched_path,

@@ -99,11 +99,12 @@ def test_unmatched_sides_one_after_the_other_write_the_same_files(tmp_path, sett
 
 
 def test_outputs_have_large_row_groups_not_one_per_batch(tmp_path, settings, monkeypatch):
-    """DataFusion streams 8192-row batches; matched.parquet gathers them into row groups."""
+    """DataFusion streams batches of at most 32768 rows; matched.parquet gathers them into
+    row groups (here of at least 70,000 rows: only gathering makes one that large)."""
     import kalla.outputs as outputs
-    monkeypatch.setattr(outputs.RowGroups.__init__, "__defaults__", (20_000, outputs.ROW_GROUP_BYTES))
-    result = run_job(make_job(tmp_path, tmp_path / "out", n=50_000), settings)
+    monkeypatch.setattr(outputs.RowGroups.__init__, "__defaults__", (70_000, outputs.ROW_GROUP_BYTES))
+    result = run_job(make_job(tmp_path, tmp_path / "out", n=200_000), settings)
     matched = pq.ParquetFile(result["output_paths"]["matched"])
-    assert matched.metadata.num_rows == 50_000
+    assert matched.metadata.num_rows == 200_000
     sizes = [matched.metadata.row_group(i).num_rows for i in range(matched.num_row_groups)]
-    assert len(sizes) >= 2 and all(size >= 20_000 for size in sizes[:-1]), sizes
+    assert len(sizes) >= 2 and all(size >= 70_000 for size in sizes[:-1]), sizes
