@@ -26,7 +26,8 @@ def read_only_options() -> SQLOptions:
 
 
 def make_context(*, memory_bytes: int, spill_dir: str, partitions: int | None = None,
-                 hash_join: bool = True, batch_rows: int = 8192) -> SessionContext:
+                 hash_join: bool = True, batch_rows: int = 8192,
+                 options: dict[str, str] | None = None) -> SessionContext:
     os.makedirs(spill_dir, exist_ok=True)
     runtime = (RuntimeEnvBuilder()
                .with_disk_manager_specified(spill_dir)
@@ -41,6 +42,8 @@ def make_context(*, memory_bytes: int, spill_dir: str, partitions: int | None = 
               # Plain Utf8 rather than Utf8View, so output strings keep the source's type.
               .set("datafusion.execution.parquet.schema_force_view_types", "false")
               .set("datafusion.sql_parser.map_string_types_to_utf8view", "false"))
+    for key, value in (options or {}).items():
+        config = config.set(key, value)
     ctx = SessionContext(config, runtime)
     register_functions(ctx)     # Kalla's UDFs (jaro_winkler) in every context, checks included
     return ctx
