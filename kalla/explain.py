@@ -26,7 +26,7 @@ from typing import Sequence
 import pyarrow.compute as pc
 
 from .decompose import NotDecomposable, Rule, decompose
-from .engine import make_context, read_only_options, register_parquet
+from .engine import make_context, read_only_options, register_parquet, single_table_joins
 from .outputs import BackgroundWriter, row_group_bytes
 from .sqltext import rewrite_functions
 
@@ -87,19 +87,6 @@ def _first_per_key(sql: str, nkeys: int, order: str) -> str:
     first = " OR ".join(f"({k} IS DISTINCT FROM __p{i})" for i, k in enumerate(keys))
     lags = ", ".join(f"__p{i}" for i in range(nkeys))
     return f"SELECT * EXCLUDE ({lags}) FROM (SELECT *, {prev} FROM ({sql})) WHERE {first}"
-
-
-# Joins whose build side is at most this many rows build one hash table that every
-# partition probes, instead of repartitioning both sides by key (DataFusion's default stops
-# at 128k rows / 1 MB). The unmatched rows are the build side of explain's joins: at 1M
-# (250k of them) this made the explained unmatched stage 0.26-0.34 s instead of 0.33-0.52 s
-# (5 alternating pairs of runs).
-SINGLE_TABLE_JOIN_ROWS = 1_000_000
-
-
-def single_table_joins(memory_bytes: int) -> dict[str, str]:
-    return {"datafusion.optimizer.hash_join_single_partition_threshold": str(memory_bytes // 4),
-            "datafusion.optimizer.hash_join_single_partition_threshold_rows": str(SINGLE_TABLE_JOIN_ROWS)}
 
 
 def explain_side(staged: dict, sources: tuple, primary_keys: dict, rules: Sequence,
