@@ -25,9 +25,16 @@ def read_only_options() -> SQLOptions:
     return SQLOptions().with_allow_ddl(False).with_allow_dml(False).with_allow_statements(False)
 
 
+# Joins whose build side is at most this many rows (and a quarter of the pool) build one hash
+# table that every partition probes, instead of repartitioning both inputs by key
+# (DataFusion's own limits: 128k rows, 1 MB). Measured at 1M: the match 0.18-0.19 s instead
+# of 0.20-0.22 s, the explained unmatched stage 0.26-0.34 s instead of 0.33-0.52 s (5
+# alternating pairs each); at 10M the builds are larger and stay partitioned.
+SINGLE_TABLE_JOIN_ROWS = 1_000_000
+
+
 def make_context(*, memory_bytes: int, spill_dir: str, partitions: int | None = None,
-                 hash_join: bool = True, batch_rows: int = 8192,
-                 options: dict[str, str] | None = None) -> SessionContext:
+                 hash_join: bool = True, batch_rows: int = 8192) -> SessionContext:
     os.makedirs(spill_dir, exist_ok=True)
     runtime = (RuntimeEnvBuilder()
                .with_disk_manager_specified(spill_dir)
@@ -41,26 +48,14 @@ def make_context(*, memory_bytes: int, spill_dir: str, partitions: int | None = 
               .set("datafusion.optimizer.prefer_hash_join", "true" if hash_join else "false")
               # Plain Utf8 rather than Utf8View, so output strings keep the source's type.
               .set("datafusion.execution.parquet.schema_force_view_types", "false")
-              .set("datafusion.sql_parser.map_string_types_to_utf8view", "false"))
-    for key, value in (options or {}).items():
-        config = config.set(key, value)
+              .set("datafusion.sql_parser.map_string_types_to_utf8view", "false")
+              # small build sides as one hash table (SINGLE_TABLE_JOIN_ROWS, above)
+              .set("datafusion.optimizer.hash_join_single_partition_threshold", str(memory_bytes // 4))
+              .set("datafusion.optimizer.hash_join_single_partition_threshold_rows",
+                   str(SINGLE_TABLE_JOIN_ROWS)))
     ctx = SessionContext(config, runtime)
     register_functions(ctx)     # Kalla's UDFs (jaro_winkler) in every context, checks included
     return ctx
-
-
-# Joins whose build side is at most this many rows (and a quarter of the pool) build one hash
-# table that every partition probes, instead of repartitioning both inputs by key
-# (DataFusion's own limits: 128k rows, 1 MB). Measured at 1M: the match 0.18-0.19 s instead
-# of 0.20-0.22 s, the explained unmatched stage 0.26-0.34 s instead of 0.33-0.52 s (5
-# alternating pairs each); at 10M the builds are larger and stay partitioned.
-SINGLE_TABLE_JOIN_ROWS = 1_000_000
-
-
-def single_table_joins(pool_bytes: int) -> dict[str, str]:
-    """Context options for single-table hash joins up to SINGLE_TABLE_JOIN_ROWS rows."""
-    return {"datafusion.optimizer.hash_join_single_partition_threshold": str(pool_bytes // 4),
-            "datafusion.optimizer.hash_join_single_partition_threshold_rows": str(SINGLE_TABLE_JOIN_ROWS)}
 
 
 def register_parquet(ctx: SessionContext, alias: str, path: str) -> None:

@@ -26,7 +26,7 @@ from typing import Sequence
 import pyarrow.compute as pc
 
 from .decompose import NotDecomposable, Rule, decompose
-from .engine import make_context, read_only_options, register_parquet, single_table_joins
+from .engine import make_context, read_only_options, register_parquet
 from .outputs import BackgroundWriter, row_group_bytes
 from .sqltext import rewrite_functions
 
@@ -96,8 +96,7 @@ def explain_side(staged: dict, sources: tuple, primary_keys: dict, rules: Sequen
     left, right = sources[0], sources[1]
     me = (left, right)[side]
     keys, other_keys = primary_keys[me], primary_keys[(right, left)[side]]
-    ctx = make_context(memory_bytes=memory_bytes, spill_dir=spill_dir,
-                       options=single_table_joins(memory_bytes))
+    ctx = make_context(memory_bytes=memory_bytes, spill_dir=spill_dir)
     for alias, files in staged.items():
         register_parquet(ctx, alias, files[0])
     ctx.register_parquet("__kalla_unmatched", unmatched_path)

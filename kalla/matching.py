@@ -12,7 +12,7 @@ from typing import Callable
 import pyarrow as pa
 
 from .engines import engine_name
-from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet, single_table_joins
+from .engine import BARRIER_COLUMN, make_context, plan_match, register_parquet
 from .errors import KallaError, MatchError
 from .outputs import BackgroundWriter, row_group_bytes
 
@@ -70,8 +70,7 @@ def match_context(job):
     hash_join = choose_join(job.staged, pool, job.settings.join_strategy)
     job.join_strategy = "hash" if hash_join else "sort-merge (spilling)"
     ctx = make_context(memory_bytes=pool, spill_dir=os.path.join(job.scratch, "spill"),
-                       hash_join=hash_join, batch_rows=HASH_JOIN_BATCH_ROWS if hash_join else 8192,
-                       options=single_table_joins(pool))
+                       hash_join=hash_join, batch_rows=HASH_JOIN_BATCH_ROWS if hash_join else 8192)
     for alias, files in job.staged.items():
         register_parquet(ctx, alias, files[0])
     return ctx

@@ -49,6 +49,16 @@ class Pass:
         return f"rules[{self.index}] ({self.rule.name!r})"
 
 
+@dataclass
+class Side:
+    """One source as the rules narrow it: the files that hold its records so far (its
+    staged file, or the last copy of its leftovers) and the key files of the passes since."""
+    schema: pa.Schema                    # the source's own schema
+    files: list[str]
+    rows: int                            # an estimate of the records so far
+    key_files: list[str] = field(default_factory=list)
+
+
 def run_rules(job, ctx) -> None:
     sides = [job.spec.left.alias, job.spec.right.alias]
     passes = [plan_pass(job, ctx, rule, i, sides) for i, rule in enumerate(job.spec.rules)]
@@ -61,21 +71,17 @@ def run_rules(job, ctx) -> None:
     with execution_errors("rules"), \
             Background(lambda item: writer.write_batch(_conform(item[1], item[0], schema)),
                        writer.close, depth=16, abort=writer.abort) as union:
-        rows = {alias: job.source_rows.get(alias, 0) for alias in sides}   # an estimate
-        base: dict[str, str] = {}                 # alias -> the last copy of its leftovers
-        key_files: dict[str, list[str]] = {}      # alias -> key files of the passes since
+        state = {alias: Side(pq.read_schema(job.staged[alias][0]), list(job.staged[alias]),
+                             job.source_rows.get(alias, 0)) for alias in sides}
         for p in passes:
             job.check_cancelled()
-            later = len(passes) - 1 - p.index
-            sink = PassSink(job, p, union, sides)
+            sink = PassSink(job, p, union, state)
             run_pass(job, ctx, p, sink, len(passes))
             if p.rows:     # nothing matched: the next rule sees the same records
-                narrow(ctx, job, p, sink.key_paths, rows, later, base, key_files)
-    # The unmatched stage anti-joins (Polars) each side's last copy of its leftovers, or its
-    # source, with the key files of the passes since: the records no rule took.
-    job.leftovers = {alias: ([base[alias]] if alias in base else job.staged[alias],
-                             key_files.get(alias, []), pq.read_schema(job.staged[alias][0]))
-                     for alias in sides}
+                narrow(ctx, job, p, sink.key_paths, state, later=len(passes) - 1 - p.index)
+    # The unmatched stage anti-joins (Polars) each side's files with its key files since:
+    # the records no rule took.
+    job.leftovers = state
     job.matched_count = sum(p.rows for p in passes)
     job.report({"stage": "matching", "progress": 1.0, "matched_count": job.matched_count})
 
@@ -142,15 +148,15 @@ class PassSink:
     scratch, read by narrow() and the unmatched stage: written plain and uncompressed right
     here (cheap), so they are complete as soon as the pass ends."""
 
-    def __init__(self, job, p: Pass, union: Background, sides: list[str]):
+    def __init__(self, job, p: Pass, union: Background, state: dict[str, Side]):
         self.p, self.union = p, union
         self.rows = 0
         self.key_paths = {alias: os.path.join(job.scratch, f"keys-{alias}-{p.index}.parquet")
-                          for alias in sides}
-        self.key_columns = {alias: p.keys[alias] for alias in sides}
-        self.key_schemas = {alias: pa.schema([pq.read_schema(job.staged[alias][0]).field(name).with_nullable(True)
+                          for alias in state}
+        self.key_columns = {alias: p.keys[alias] for alias in state}
+        self.key_schemas = {alias: pa.schema([side.schema.field(name).with_nullable(True)
                                               for name in job.spec.primary_keys[alias]])
-                            for alias in sides}
+                            for alias, side in state.items()}
         self.key_writers = {alias: pq.ParquetWriter(path, self.key_schemas[alias], compression="none",
                                                     use_dictionary=False)
                             for alias, path in self.key_paths.items()}
@@ -241,34 +247,33 @@ def copy_rows(path: str, rows: np.ndarray, write) -> None:
         offset += size
 
 
-def narrow(ctx, job, p: Pass, key_paths: dict[str, str], rows: dict[str, int], later: int,
-           base: dict[str, str], key_files: dict[str, list[str]]) -> None:
+def narrow(ctx, job, p: Pass, key_paths: dict[str, str], state: dict[str, Side], later: int) -> None:
     """Make each side's alias the records it named before, minus this pass's keys.
 
     Either a view (the records so far, anti-joined with the key file: nothing copied, each
     later rule pays the anti-join over the records so far) or, where that costs more, a
     copy of the leftovers in a scratch file the alias is re-registered on (later rules read
-    only the leftovers). ``rows`` holds each side's estimated record count; ``base`` and
-    ``key_files`` each side's last copy and the key files since: all updated here.
+    only the leftovers). Each side's state follows.
     """
     for alias, path in key_paths.items():
-        key_files.setdefault(alias, []).append(path)
-    copy = [alias for alias in key_paths if later > 0 and worth_copying(rows[alias], p.rows, later)]
+        state[alias].key_files.append(path)
+    copy = [alias for alias in key_paths if worth_copying(state[alias].rows, p.rows, later)]
     with ThreadPoolExecutor(max(1, len(copy))) as pool:
-        copied = {alias: pool.submit(_copy, job, p, alias, base, key_files[alias]) for alias in copy}
+        copied = {alias: pool.submit(_copy, job, p, alias, state[alias]) for alias in copy}
         written = {alias: future.result() for alias, future in copied.items()}
     for alias in key_paths:
+        side = state[alias]
         if alias in written:
-            path, rows[alias] = written[alias]
+            path, side.rows = written[alias]
             ctx.deregister_table(alias.lower())
             register_parquet(ctx, alias, path)
-            base[alias], key_files[alias] = path, []
+            side.files, side.key_files = [path], []
             _drop_scratch(job, alias, keep=path)    # nothing reads earlier copies or key files
         else:
             remaining = _remaining(ctx, job, p, alias, key_paths[alias])
             ctx.deregister_table(alias.lower())
             ctx.register_view(alias.lower(), remaining)
-            rows[alias] = max(0, rows[alias] - p.rows)
+            side.rows = max(0, side.rows - p.rows)
 
 
 def worth_copying(rows: int, matched: int, later: int) -> bool:
@@ -292,19 +297,18 @@ def _remaining(ctx, job, p: Pass, alias: str, key_path: str):
     return ctx.sql(f"SELECT s.* FROM {_quote(alias.lower())} s LEFT ANTI JOIN {_quote(keys)} k ON {on}")
 
 
-def _copy(job, p: Pass, alias: str, base: dict[str, str], key_files: list[str]) -> tuple[str, int]:
-    """The side's records so far minus the keys in key_files, into a scratch file.
+def _copy(job, p: Pass, alias: str, side: Side) -> tuple[str, int]:
+    """The side's records so far minus the keys in its key files, into a scratch file.
 
-    The same Polars anti-join as the unmatched stage (kalla/unmatched.py), from the side's
-    last copy (or its source) and the key files since; written plain and uncompressed,
-    under the source's exact schema, so later rules see the types they were planned with.
+    The same Polars anti-join as the unmatched stage (kalla/unmatched.py), written plain and
+    uncompressed, under the source's exact schema, so later rules see the types they were
+    planned with.
     """
     from .unmatched import derive_unmatched
     path = os.path.join(job.scratch, f"left-{alias}-{p.index}.parquet")
-    files = [base[alias]] if alias in base else job.staged[alias]
     keys = list(job.spec.primary_keys[alias])
-    result = derive_unmatched(files, keys, key_files, keys, path, scratch=True,
-                              schema=pq.read_schema(job.staged[alias][0]))
+    result = derive_unmatched(side.files, keys, side.key_files, keys, path, scratch=True,
+                              schema=side.schema)
     return path, result.rows
 
 

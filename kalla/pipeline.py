@@ -65,7 +65,7 @@ class Job:
         self.rule_counts: dict[str, int] = {}    # rules jobs: matched rows per rule
         self.ambiguous: dict[str, int] = {}      # one_to_one rules: pairs held back
         self.explained: dict = {}                # explain: reasons per side
-        self.leftovers: dict = {}                # rules jobs: alias -> (files, key files, schema)
+        self.leftovers: dict = {}                # rules jobs: alias -> passes.Side
 
     def report(self, event: dict) -> None:
         with self._report_lock:
@@ -92,8 +92,9 @@ def derive(job: Job) -> None:
         # with explain the file is rewritten at once: written plain, then explained
         out, keys = job.outputs.partial(f"unmatched_{side}"), job.spec.primary_keys[alias]
         if alias in job.leftovers:     # a rules job: the passes' leftovers and key files since
-            files, key_files, schema = job.leftovers[alias]
-            result = derive_unmatched(files, keys, key_files, keys, out, scratch=explain, schema=schema)
+            side = job.leftovers[alias]
+            result = derive_unmatched(side.files, keys, side.key_files, keys, out, scratch=explain,
+                                      schema=side.schema)
         else:
             result = derive_unmatched(job.staged[alias], keys, matched, job.key_columns[alias], out,
                                       scratch=explain)
