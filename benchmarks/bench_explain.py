@@ -13,8 +13,6 @@ Usage: bench_explain.py [--rows 1000000] [--runs 5] [--memory 1GiB] [--data DIR]
 import argparse
 import json
 import os
-import resource
-import statistics
 import sys
 import tempfile
 
@@ -22,10 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import datagen  # noqa: E402
-from run import MATCH_SQL, measure  # noqa: E402
+from run import MATCH_SQL, run_kalla_job, summarize_jobs  # noqa: E402
 
 
 def model(directory: str) -> dict:
@@ -56,23 +53,11 @@ def run_once(inv: str, pay: str, explain: bool, memory: str | None, expected: di
         path = os.path.join(work, "job.json")
         with open(path, "w") as fh:
             json.dump(job, fh)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        sample = measure([os.path.join(ROOT, "bin", "kalla-run"), "--json", path], env)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    sample["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result = sample["result"] = json.loads(sample["stdout"])
+        sample = run_kalla_job(path, env)
+    result = sample["result"]
     if explain and result.get("break_reasons") != expected:
         raise RuntimeError(f"break reasons {result.get('break_reasons')} != model {expected}")
     return sample
-
-
-def summarize(samples: list[dict]) -> dict:
-    seconds = [s["seconds"] for s in samples]
-    stages = {k: statistics.median(s["result"]["stage_seconds"][k] for s in samples)
-              for k in samples[0]["result"]["stage_seconds"]}
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-            "median_cpu_s": statistics.median(s["cpu_s"] for s in samples),
-            "peak_rss_mb": max(s["peak_rss"] for s in samples) / 2**20, "stages_median_s": stages}
 
 
 def main() -> None:
@@ -92,7 +77,7 @@ def main() -> None:
     for _ in range(args.runs):     # interleaved, so both jobs see the same machine load
         plain.append(run_once(inv, pay, False, args.memory, expected))
         explained.append(run_once(inv, pay, True, args.memory, expected))
-    results = {"plain": summarize(plain), "explain": summarize(explained)}
+    results = {"plain": summarize_jobs(plain), "explain": summarize_jobs(explained)}
     print(f"{args.rows:,} invoices x {pq.read_metadata(pay).num_rows:,} payments, {args.runs} runs each"
           + (f", KALLA_WORKER_MEMORY={args.memory}" if args.memory else ""))
     for name, r in results.items():

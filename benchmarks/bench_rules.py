@@ -16,8 +16,6 @@ Usage: bench_rules.py [--rows 1000000] [--runs 5] [--third reference|split]
 import argparse
 import json
 import os
-import resource
-import statistics
 import sys
 import tempfile
 
@@ -25,10 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import datagen  # noqa: E402
-from run import MATCH_SQL, measure  # noqa: E402
+from run import MATCH_SQL, run_kalla_job, summarize_jobs  # noqa: E402
 
 SELECT = "SELECT l.invoice_id, r.payment_id, l.amount, r.paid_amount FROM invoices l JOIN payments r "
 FIRST_TWO = [
@@ -97,13 +94,8 @@ def job_file(work: str, inv: str, pay: str, rules: list | None) -> str:
 def run_once(inv: str, pay: str, rules: list | None, expected: dict | None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KALLA_")}
     with tempfile.TemporaryDirectory() as work:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        sample = measure([os.path.join(ROOT, "bin", "kalla-run"), "--json",
-                          job_file(work, inv, pay, rules)], env)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU seconds are steadier than wall time on a shared machine; both are reported.
-    sample["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result = sample["result"] = json.loads(sample["stdout"])
+        sample = run_kalla_job(job_file(work, inv, pay, rules), env)
+    result = sample["result"]
     if expected and (result["rule_counts"] != expected["rule_counts"]
                      or result["unmatched_left_count"] != expected["unmatched_left"]
                      or result["unmatched_right_count"] != expected["unmatched_right"]):
@@ -112,13 +104,7 @@ def run_once(inv: str, pay: str, rules: list | None, expected: dict | None) -> d
 
 
 def summarize(samples: list[dict]) -> dict:
-    seconds = [s["seconds"] for s in samples]
-    stages = {k: statistics.median(s["result"]["stage_seconds"][k] for s in samples)
-              for k in samples[0]["result"]["stage_seconds"]}
-    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
-            "median_cpu_s": statistics.median(s["cpu_s"] for s in samples),
-            "peak_rss_mb": max(s["peak_rss"] for s in samples) / 2**20, "stages_median_s": stages,
-            "matched": samples[0]["result"]["matched_count"],
+    return {**summarize_jobs(samples), "matched": samples[0]["result"]["matched_count"],
             "rule_counts": samples[0]["result"].get("rule_counts")}
 
 

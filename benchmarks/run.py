@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,28 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
     return {"seconds": wall, "peak_rss": peak, "stdout": out.decode()}
+
+
+def run_kalla_job(job_path: str, env: dict) -> dict:
+    """``bin/kalla-run --json`` one job file: measure()'s sample plus the CPU seconds of the
+    run (steadier than wall time on a shared machine) and the parsed result."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sample = measure([os.path.join(ROOT, "bin", "kalla-run"), "--json", job_path], env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sample["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    sample["result"] = json.loads(sample["stdout"])
+    return sample
+
+
+def summarize_jobs(samples: list[dict]) -> dict:
+    """Median and min-max wall time, median CPU, peak RSS and median stage times of
+    run_kalla_job samples."""
+    seconds = [s["seconds"] for s in samples]
+    stages = {k: statistics.median(s["result"]["stage_seconds"][k] for s in samples)
+              for k in samples[0]["result"]["stage_seconds"]}
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+            "median_cpu_s": statistics.median(s["cpu_s"] for s in samples),
+            "peak_rss_mb": max(s["peak_rss"] for s in samples) / 2**20, "stages_median_s": stages}
 
 
 def counts(outdir: str) -> dict:
