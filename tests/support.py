@@ -59,6 +59,16 @@ class CallbackListener:
         self.server.server_close()
 
 
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll predicate until it is true or timeout seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
 def is_terminal(body: dict) -> bool:
     """A completion (counts, no stage) or an error callback."""
     return "error" in body or ("unmatched_left_count" in body and "stage" not in body)

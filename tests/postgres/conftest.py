@@ -10,6 +10,7 @@ it; all are dropped at the end.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pwd
@@ -18,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -26,6 +26,7 @@ import psycopg
 import pyarrow as pa
 import pytest
 from psycopg import sql
+from support import wait_until as poll_until
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 PASSWORD = "Pw-" + secrets.token_hex(8) + "/@:%x"   # URL-special characters on purpose
@@ -234,16 +235,7 @@ def make_connector(pg, settings):
 @pytest.fixture
 def wait_until():
     """wait_until(predicate, timeout=5.0) -> bool, polling."""
-    return _wait_until
-
-
-def _wait_until(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    return functools.partial(poll_until, timeout=5.0)
 
 
 # ------------------------------------------------------------------ the types table

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from service.conftest import Listener, Server, is_terminal  # noqa: F401 (re-exported)
+from support import wait_until  # noqa: F401 (re-exported)
 
 
 class JobMaker:
@@ -166,15 +167,6 @@ def no_partial_files(directory: Path) -> list[str]:
         return []
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
                   if p.name.startswith(".kalla-") or p.suffix in (".parquet", ".json"))
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def server_traceback(server: Server) -> list[str]:
