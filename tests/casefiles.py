@@ -63,3 +63,12 @@ def _order(row):
 
 def normalise(values: list) -> list[tuple]:
     return sorted((tuple(v) if isinstance(v, list) else (v,) for v in values), key=_order)
+
+
+def assert_output_rows(paths: dict, expected: dict, job: dict) -> None:
+    """The three output files hold the expected rows (matched columns; each side's keys)."""
+    left, right = job["sources"][0]["alias"], job["sources"][1]["alias"]
+    keys = job["primary_keys"]
+    assert rows(paths["matched"], expected["matched_columns"]) == normalise(expected["matched"])
+    assert rows(paths["unmatched_left"], keys[left]) == normalise(expected["unmatched_left"])
+    assert rows(paths["unmatched_right"], keys[right]) == normalise(expected["unmatched_right"])

@@ -11,7 +11,7 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from casefiles import case_names, has_decimal_variant, load_case, normalise, rows
+from casefiles import assert_output_rows, case_names, has_decimal_variant, load_case
 from support import KALLA_RUN
 
 from kalla.errors import KallaError
@@ -25,11 +25,7 @@ VARIANTS = [(name, "csv") for name in case_names()] + \
 
 def check_outputs(result: dict, expected: dict, job: dict) -> None:
     paths = result["output_paths"]
-    left, right = job["sources"][0]["alias"], job["sources"][1]["alias"]
-    keys = job["primary_keys"]
-    assert rows(paths["matched"], expected["matched_columns"]) == normalise(expected["matched"])
-    assert rows(paths["unmatched_left"], keys[left]) == normalise(expected["unmatched_left"])
-    assert rows(paths["unmatched_right"], keys[right]) == normalise(expected["unmatched_right"])
+    assert_output_rows(paths, expected, job)
     # counts always equal the files' row counts
     for name, count in (("matched", "matched_count"), ("unmatched_left", "unmatched_left_count"),
                         ("unmatched_right", "unmatched_right_count")):

@@ -21,8 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from datafusion import DataFrame
 
-from casefiles import load_case, rows
-from casefiles import normalise as normalise_rows
+from casefiles import assert_output_rows, load_case
 from support import KALLA_RUN
 
 from kalla.engine import make_context
@@ -451,11 +450,6 @@ def test_cookbook_example_runs(name, tmp_path, cli_env):
     proc = kalla_run("--json", "job.json", env=cli_env, cwd=folder)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    keys = job["primary_keys"]
-    left, right = job["sources"][0]["alias"], job["sources"][1]["alias"]
-    paths = result["output_paths"]
-    assert rows(paths["matched"], expected["matched_columns"]) == normalise_rows(expected["matched"])
-    assert rows(paths["unmatched_left"], keys[left]) == normalise_rows(expected["unmatched_left"])
-    assert rows(paths["unmatched_right"], keys[right]) == normalise_rows(expected["unmatched_right"])
+    assert_output_rows(result["output_paths"], expected, job)
     for field in ("rule_counts", "ambiguous", "passed"):
         assert result.get(field) == expected.get(field)
