@@ -92,9 +92,9 @@ def derive(job: Job) -> None:
         # with explain the file is rewritten at once: written plain, then explained
         out, keys = job.outputs.partial(f"unmatched_{side}"), job.spec.primary_keys[alias]
         if alias in job.leftovers:     # a rules job: the passes' leftovers and key files since
-            side = job.leftovers[alias]
-            result = derive_unmatched(side.files, keys, side.key_files, keys, out, scratch=explain,
-                                      schema=side.schema)
+            left_over = job.leftovers[alias]
+            result = derive_unmatched(left_over.files, keys, left_over.key_files, keys, out,
+                                      scratch=explain, schema=left_over.schema)
         else:
             result = derive_unmatched(job.staged[alias], keys, matched, job.key_columns[alias], out,
                                       scratch=explain)
